@@ -1,0 +1,1 @@
+"""Immutable, content-addressed bundles: manifest, store, registry and ledger, demo bundles."""

@@ -1,0 +1,1 @@
+"""Fused decoding kernels in Triton, each beside a pure-torch reference."""
