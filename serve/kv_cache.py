@@ -1,0 +1,123 @@
+"""Paged KV cache: a fixed pool of blocks per layer and the allocator that hands them out.
+
+Layout (per layer) is what the kernels contract fixes: `k_cache[num_blocks, block_size,
+num_kv_heads, head_dim]`, same for `v_cache`. A token at position p of a sequence lives in
+block `block_table[p // block_size]` at offset `p % block_size`; its flat *slot* is
+`block * block_size + offset` (what `store_kv` takes).
+
+The allocator is pure bookkeeping (no tensors), so the scheduler and the transformers
+fallback (which keeps its own cache but still budgets tokens) share it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks needed to hold `num_tokens` tokens."""
+    return -(-num_tokens // block_size)
+
+
+class BlockAllocator:
+    """Free list of block ids. Blocks are handed out FIFO so reuse spreads over the pool."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        assert num_blocks > 0 and block_size > 0
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free: deque[int] = deque(range(num_blocks))
+        self._used: set[int] = set()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise RuntimeError(f"KV pool exhausted: asked {n} blocks, {len(self._free)} free")
+        out = [self._free.popleft() for _ in range(n)]
+        self._used.update(out)
+        return out
+
+    def free(self, blocks: list[int]) -> None:
+        for b in blocks:
+            assert b in self._used, f"double free of block {b}"
+            self._used.remove(b)
+            self._free.append(b)
+        blocks.clear()
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    num_layers: int
+    num_blocks: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+
+    @property
+    def total_bytes(self) -> int:
+        return self.bytes_per_token * self.num_blocks * self.block_size
+
+
+class KVCache:
+    """The tensors: one (k, v) pair per layer, allocated once up front."""
+
+    def __init__(self, layout: KVLayout, device: torch.device | str):
+        self.layout = layout
+        shape = (layout.num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
+        # One allocation per side keeps the pool contiguous and makes `nbytes` exact.
+        self._k = torch.zeros((layout.num_layers, *shape), dtype=layout.dtype, device=device)
+        self._v = torch.zeros((layout.num_layers, *shape), dtype=layout.dtype, device=device)
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = [
+            (self._k[i], self._v[i]) for i in range(layout.num_layers)
+        ]
+
+    @property
+    def nbytes(self) -> int:
+        if self._k is None:
+            return 0
+        return self._k.nbytes + self._v.nbytes
+
+    def gather(self, layer: int, block_table: list[int] | torch.Tensor, num_tokens: int):
+        """Contiguous K, V of one sequence's first `num_tokens` tokens: [num_tokens, Hk, D]."""
+        k_cache, v_cache = self.layers[layer]
+        return gather_kv(k_cache, v_cache, block_table, num_tokens)
+
+    def release(self) -> None:
+        self.layers = []
+        self._k = self._v = None
+
+
+def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int):
+    """[NB, BS, Hk, D] caches + a sequence's block ids -> its first `num_tokens` K and V."""
+    bs = k_cache.shape[1]
+    nb = blocks_for(num_tokens, bs)
+    idx = block_table[:nb]
+    k = k_cache.index_select(0, idx).flatten(0, 1)[:num_tokens]
+    v = v_cache.index_select(0, idx).flatten(0, 1)[:num_tokens]
+    return k, v
+
+
+def num_blocks_for_budget(kv_cache_tokens: int, block_size: int) -> int:
+    """Pool size in blocks for a token budget (rounded up so the budget is honoured)."""
+    if kv_cache_tokens <= 0:
+        raise ValueError(f"kv_cache_tokens must be > 0, got {kv_cache_tokens}")
+    return blocks_for(kv_cache_tokens, block_size)
