@@ -15,11 +15,13 @@ or `abort`. Weights are candidate/live percentages; mirroring (weight 0 steps of
 shadow and blue_green) is `mirror_fraction`. "Rolled back" means traffic returns to
 live and the candidate is released — live never changed, so this is not
 `SlotManager.rollback` (previous -> live), which stays a separate human command.
+Pass wall-clock seconds (time.time()) as `now` if states are persisted (`to_dict`)
+and resumed after a restart: bake time then carries over.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Mapping, Union
 
 from slotserve.guards import Advance, Alert, Promote, Rollback, StepState, decide, evaluate, evaluate_all
@@ -139,6 +141,22 @@ class RolloutState:
     def step(self) -> StepState:
         return StepState(self.step_index, self.step_started_at, self.alerted, self.paused, self.baseline)
 
+    def to_dict(self) -> dict:
+        """JSON-ready, for the registry: `RolloutState.from_dict(s.to_dict()) == s`."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(spec=self.spec.to_dict(), weights=dict(self.weights), alerted=sorted(self.alerted),
+                 baseline=self.baseline.to_dict() if self.baseline else None,
+                 history=[event_dict(e) for e in self.history])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "RolloutState":
+        kinds = {c.__name__: c for c in Event.__args__}
+        history = tuple(kinds[e["event"]](**{k: v for k, v in e.items() if k != "event"}) for e in d["history"])
+        return cls(**{**d, "spec": RolloutSpec.parse(d["spec"]), "alerted": frozenset(d["alerted"]),
+                      "baseline": WindowMetrics(**d["baseline"]) if d.get("baseline") else None,
+                      "weights": dict(d["weights"]), "history": history})
+
 
 def _emit(state: RolloutState, events: list, **changes) -> RolloutState:
     return replace(state, history=state.history + tuple(events), **changes)
@@ -151,10 +169,8 @@ def _require_active(state: RolloutState, op: str) -> None:
 
 
 def start(spec: RolloutSpec, now: float, live: str | None = None, salt: str | None = None) -> RolloutState:
-    """A new rollout: pending_eval when the spec has an eval_score guard, else running at step 0.
-
-    Apply `state.weights` / `state.mirror_fraction` and reset the windows right after.
-    """
+    """pending_eval if the spec has an eval_score guard, else running at step 0; then apply
+    `state.weights` / `state.mirror_fraction` and reset the windows."""
     phase = "pending_eval" if spec.has_eval_gate else "running"
     weights = _weights(0.0 if phase == "pending_eval" else spec.plan[0])
     mirror = 0.0 if phase == "pending_eval" else spec.mirror_fraction(0)
@@ -181,11 +197,8 @@ def _end(state: RolloutState, phase: str, reason: str, events: list, now: float)
 
 def on_eval(state: RolloutState, candidate_score: float, live_score: float, now: float,
             items: int = 1) -> tuple[RolloutState, list[Event]]:
-    """Gate the first step on the eval set (scores in [0, 1] from slotserve.evals).
-
-    A breached rollback guard rolls back; a breached alert guard starts step 0 paused.
-    Outside pending_eval (e.g. aborted while the eval ran) this is a no-op.
-    """
+    """Gate step 0 on eval scores in [0, 1] (slotserve.evals): a breached rollback guard rolls
+    back, an alert guard starts step 0 paused. No-op outside pending_eval (aborted meanwhile)."""
     if state.phase != "pending_eval":
         return state, []
     cand = replace(WindowMetrics.empty("candidate", now), eval_score=candidate_score, eval_items=items)
@@ -193,22 +206,19 @@ def on_eval(state: RolloutState, candidate_score: float, live_score: float, now:
     results = [evaluate(g, cand, live) for g in state.spec.guards if g.metric == "eval_score"]
     hard = [r for r in results if r.breached and r.guard.action == "rollback"]
     soft = [r for r in results if r.breached and r.guard.action == "alert"]
+    scores = f"eval_score {candidate_score:g} vs live {live_score:g}"
     if hard:
-        reason = f"eval gate failed: eval_score {candidate_score:g} vs live {live_score:g} ({hard[0].guard.name})"
+        reason = f"eval gate failed: {scores} ({hard[0].guard.name})"
         events: list[Event] = [EvalGated(False, candidate_score, live_score, reason, now),
                                RolledBack(reason, hard[0].metrics(), 0, now)]
         return _end(state, "rolled_back", reason, events, now), events
-    reason = "eval gate passed" if not soft else f"eval gate alert: {soft[0].guard.name}"
-    gate = EvalGated(not soft, candidate_score, live_score, reason, now)
-    state = _emit(state, [gate])
-    state, step_ev = _enter_step(state, 0, now, None)
-    events: list[Event] = [gate, step_ev]
-    if soft:
-        alerts = [Alerted(r.guard.name, f"eval_score {candidate_score:g} vs live {live_score:g}",
-                          r.metrics(), state.spec.alert_webhook, 0, now) for r in soft]
-        state = _emit(state, alerts, paused=True, alerted=frozenset(r.guard.name for r in soft))
-        events += alerts
-    return state, events
+    gate = EvalGated(not soft, candidate_score, live_score,
+                     f"eval gate alert: {soft[0].guard.name}" if soft else "eval gate passed", now)
+    state, step_ev = _enter_step(_emit(state, [gate]), 0, now, None)
+    alerts = [Alerted(r.guard.name, scores, r.metrics(), state.spec.alert_webhook, 0, now) for r in soft]
+    if alerts:
+        state = _emit(state, alerts, paused=True, alerted=frozenset(a.guard for a in alerts))
+    return state, [gate, step_ev, *alerts]
 
 
 def tick(state: RolloutState, windows: Mapping[str, WindowMetrics], now: float) -> tuple[RolloutState, list[Event]]:
@@ -262,10 +272,8 @@ def resume(state: RolloutState, now: float) -> tuple[RolloutState, list[Event]]:
 
 
 def on_oom(state: RolloutState, now: float, detail: Mapping | None = None) -> tuple[RolloutState, list[Event]]:
-    """The slot layer hit out-of-memory on the candidate (and released it): roll back now.
-
-    A no-op once the rollout has ended (after promote an OOM on live is the slot layer's
-    load-shedding, not a rollout matter)."""
+    """The slot layer hit OOM on the candidate (and released it): roll back now. No-op once
+    ended (after promote, OOM on live is the slot layer's load shedding)."""
     if not state.active:
         return state, []
     metrics = {"candidate.oom_events": 1, **dict(detail or {})}
@@ -289,9 +297,9 @@ def describe(state: RolloutState, windows: Mapping[str, WindowMetrics], now: flo
     out["time_to_next_step_s"] = max(0.0, spec.bake_s - (now - state.step_started_at))
     action = decide(windows, spec, state.step, now)
     out["next"] = {"action": type(action).__name__, **asdict(action)}
-    for r in evaluate_all(windows, spec, state.step):
-        out["guards"].append({"guard": r.guard.name, "action": r.guard.action, "value": r.value,
-                              "threshold": r.threshold, "breached": r.breached,
-                              "enough_samples": r.enough_samples, "samples": r.samples,
-                              "min_samples": r.guard.min_samples, "alerted": r.guard.name in state.alerted})
+    out["guards"] = [{"guard": r.guard.name, "action": r.guard.action, "value": r.value,
+                      "threshold": r.threshold, "breached": r.breached, "enough_samples": r.enough_samples,
+                      "samples": r.samples, "min_samples": r.guard.min_samples,
+                      "alerted": r.guard.name in state.alerted}
+                     for r in evaluate_all(windows, spec, state.step)]
     return out

@@ -104,6 +104,10 @@ class Guard:
             raise SpecError(f"relative_to {self.relative_to!r} is not valid; the only valid value is 'live'")
         if self.relative_to and self.value < 0:
             raise SpecError(f"{self.metric}: a relative_to: live value is a ratio and must be >= 0; got {self.value}")
+        if (self.op == ">=" and self.value <= 0) or (self.op == ">" and self.value < 0):
+            # every metric is >= 0: this guard would breach on a perfect candidate
+            raise SpecError(f"{self.metric} {self.op} {self.value:g} is always breached (metrics are >= 0); "
+                            f"use '>' with a value >= 0, e.g. {{metric: {self.metric}, op: '>', value: 0}}")
         if not self.relative_to and self.metric in FRACTION_METRICS and not 0 <= self.value <= 1:
             raise SpecError(f"{self.metric} is a fraction in [0, 1] (e.g. 0.02 for 2%); got {self.value}")
         if self.min_samples is None:
@@ -173,8 +177,12 @@ class RolloutSpec:
                             "(e.g. header:x-session-id), 'body:FIELD' (e.g. body:user) or 'none'")
         if self.sticky_key.startswith("header:"):
             put("sticky_key", self.sticky_key.lower())  # HTTP header names are case-insensitive
-        put("guards", tuple(self.guards))
-        assert all(isinstance(g, Guard) for g in self.guards)
+        put("guards", tuple(g if isinstance(g, Guard) else Guard.parse(g, f"guards[{i}]")
+                            for i, g in enumerate(self.guards)))
+        names = [g.name for g in self.guards]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise SpecError(f"duplicate guard(s) {', '.join(dup)}; each metric/op/value may appear once")
         if self.alert_webhook is not None:
             u = urlparse(self.alert_webhook) if isinstance(self.alert_webhook, str) else None
             if u is None or u.scheme not in ("http", "https") or not u.netloc:
@@ -225,7 +233,7 @@ class RolloutSpec:
             raise SpecError("rollout spec: missing 'bundle' (the candidate, e.g. 'support-bot:2')")
         kw = {k: d[k] for k in ("bundle", "strategy", "min_requests", "sticky_key", "alert_webhook",
                                 "shadow_fraction", "promote") if k in d and d[k] is not None}
-        if "steps" in d:
+        if d.get("steps") is not None:  # null: the strategy's default
             kw["steps"] = d["steps"]
         if "bake" in d:
             kw["bake_s"] = parse_duration(d["bake"])

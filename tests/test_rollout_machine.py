@@ -195,3 +195,16 @@ def test_resumed_alert_guard_does_not_repause_in_same_step():
     before = len([e for e in sim.events if isinstance(e, Alerted)])
     sim.second()
     assert len([e for e in sim.events if isinstance(e, Alerted)]) == before and not sim.state.paused
+
+
+def test_state_round_trips_through_json():
+    sim = Sim(mkspec(alert_webhook="http://127.0.0.1:9000/hook"), cand={**HEALTHY, "down": 0.8}).run(seconds=8)
+    sim.apply(*rollout.resume(sim.state, sim.t))
+    sim.run(seconds=30)
+    assert sim.state.step_index == 1 and sim.state.baseline is not None and sim.state.alerted and len(sim.state.history) > 2
+    d = json.loads(json.dumps(sim.state.to_dict()))
+    back = rollout.RolloutState.from_dict(d)
+    assert back == sim.state
+    # a restored rollout carries on exactly as the original would
+    snap = sim.ws.snapshot(sim.t + 1)
+    assert rollout.tick(back, snap, sim.t + 1) == rollout.tick(sim.state, snap, sim.t + 1)

@@ -57,6 +57,9 @@ def test_round_trip_and_defaults():
     manual = RolloutSpec.parse({"bundle": "b:1", "steps": [5, 50], "promote": "manual"})
     assert manual.plan == (5, 50)
     assert RolloutSpec.parse({"bundle": "b:1", "sticky_key": "header:X-User"}).sticky_key == "header:x-user"
+    assert RolloutSpec.parse({"bundle": "b:1", "steps": None}).plan == (1, 5, 25, 50, 100)
+    direct = RolloutSpec("b:1", guards=[{"metric": "nan_rate", "op": ">", "value": 0}])
+    assert direct.guards == (Guard("nan_rate", ">", 0),)
 
 
 def test_every_metric_is_a_window_field():
@@ -102,6 +105,9 @@ BAD = [
     ({"bundle": "b:1", "guards": [G(colour="red")]}, ["unknown key", "colour", "metric, op, value"]),
     ({"bundle": "b:1", "guards": [{"metric": "error_rate", "op": ">"}]}, ["missing 'value'"]),
     ({"bundle": "b:1", "guards": {"metric": "error_rate"}}, ["list of guards"]),
+    ({"bundle": "b:1", "guards": [G(metric="oom_events", op=">=", value=0)]}, ["always breached", "'>'"]),
+    ({"bundle": "b:1", "guards": [G(op=">", value=-0.1)]}, ["always breached"]),
+    ({"bundle": "b:1", "guards": [G(), G(action="alert")]}, ["duplicate", "error_rate > 0.02"]),
     ({"bundle": "b:1", "alert_webhook": "ftp://x/hook"}, ["http://", "https://"]),
     ({"bundle": "b:1", "alert_webhook": "hook"}, ["http://", "https://"]),
     ({"bundle": "b:1", "strategy": "shadow", "shadow_fraction": 0}, ["(0, 1]"]),
