@@ -58,6 +58,7 @@ class BundleView:
     system_prompt: str | None
     sampling: Mapping[str, Any] = field(default_factory=dict)
     eos_ids: tuple[int, ...] = ()
+    path: str = ""                 # the bundle directory (eval set, files)
 
     @classmethod
     def from_bundle(cls, bundle, tokenizer=None) -> "BundleView":
@@ -77,7 +78,7 @@ class BundleView:
                    max_model_len=int(serving.get("max_model_len") or 2048),
                    tokenizer=tokenizer, chat_template=template,
                    system_prompt=_read(path / "prompt" / "system.txt"),
-                   sampling=dict(serving.get("sampling") or {}), eos_ids=eos_ids)
+                   sampling=dict(serving.get("sampling") or {}), eos_ids=eos_ids, path=str(path))
 
     def render_chat(self, messages: list[dict]) -> list[int]:
         msgs = [{"role": "system" if m["role"] == "developer" else m["role"],
@@ -254,6 +255,8 @@ class Run:
         self.created = now()
         self.finished = False
         self._recorded = False
+        self.ended = asyncio.Event()     # set once the outcome is recorded (shadow diffs wait on it)
+        self.error: BaseException | None = None
 
     def close(self) -> None:
         """Idempotent: cancel the engine request and record it if it never finished
@@ -265,7 +268,10 @@ class Run:
     def _record(self, ok: bool, err: BaseException | None, cancelled: bool) -> None:
         if not self._recorded:
             self._recorded = True
+            self.error = err
+            self.cancelled = cancelled
             self.h._observe_run(self, ok, err, cancelled)
+            self.ended.set()
 
     @property
     def view(self) -> BundleView:
@@ -382,11 +388,12 @@ class Run:
 
 class Handler:
     def __init__(self, backend: Backend, *, observe: Callable[[Outcome], None] | None = None,
-                 safety: Callable[[str], bool] | None = None, rng: random.Random | None = None):
+                 on_shadow: Callable[[Any, BundleView], None] | None = None,
+                 rng: random.Random | None = None):
         self.backend = backend
         self.routing = Routing()
         self.observe = observe or (lambda outcome: None)
-        self.safety = safety
+        self.on_shadow = on_shadow or (lambda diff, view: None)
         self._rng = rng or random.Random()
         self.inflight = 0
         self._shadow_tasks: set[asyncio.Task] = set()
@@ -547,17 +554,39 @@ class Handler:
             pass
 
     def _spawn_shadow(self, kind: str, req, live_run: Run):
-        """Mirror the request to the candidate in the background; never slows the client."""
+        """Mirror the request to the candidate in the background; never slows the client.
+        When both have finished, their answers are compared (slotserve.shadow)."""
         if "candidate" not in self.backend.views():
             return
 
         async def shadow():
+            from slotserve.shadow import compare
+            words, err, view = None, False, None
             try:
                 prep = self.prepare(kind, req, "candidate", False)
+                view = prep.view
                 run = await self._start(prep)
                 run.prep.kind = "shadow"
                 async for _ in run.deltas():
                     pass
+                words = run.stream.text.split()
+            except Exception:
+                err = True
+            if view is None:
+                return
+            try:
+                await asyncio.wait_for(live_run.ended.wait(), 600)
+            except asyncio.TimeoutError:
+                return
+            if getattr(live_run, "cancelled", False):
+                return  # the client left: nothing to compare
+            live_ok = live_run.finished
+            # Words, not token ids: the candidate may change the tokenizer.
+            diff = compare(live_run.stream.text.split() if live_ok else None, words,
+                           greedy=live_run.prep.params["temperature"] == 0,
+                           live_error=not live_ok, shadow_error=err)
+            try:
+                self.on_shadow(diff, view)
             except Exception:
                 pass
 

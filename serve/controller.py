@@ -1,0 +1,646 @@
+"""The controller: one named Ray actor owning the desired state of every replica.
+
+Desired state = which bundle sits in live / previous / candidate, the traffic weights,
+and the rollout. The controller
+
+* persists it (registry aliases `@live/@previous/@candidate` + a small JSON state row
+  under the store, `serve/<app>.json`), so a restart of the whole app comes back the same;
+* hands it to replicas: each replica long-polls `watch(version)`, which returns the
+  moment the state changes (a push) or after a timeout (a heartbeat), so a new or
+  restarted replica converges to the current state by itself;
+* collects what replicas report (applied version, slots, request outcomes) and waits
+  for convergence after each admin change, reporting how long it took;
+* drives the rollout: every `TICK_S` it feeds the merged windows to
+  `slotserve.rollout.tick` and turns events into state changes, ledger rows and alert
+  webhooks.
+
+`ControllerCore` is plain Python (tested without Ray); `SlotController` is the thin
+async actor around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from slotserve import rollout as ro
+from slotserve.shadow import ShadowDiff
+from slotserve.spec import RolloutSpec, SpecError
+from slotserve.window import RequestOutcome, WindowSet
+
+log = logging.getLogger("slotserve.controller")
+
+TICK_S = 0.1
+HEARTBEAT_S = 2.0          # a replica's watch() returns at least this often
+REPLICA_TTL_S = 10.0       # a replica not heard from for this long is gone
+ACTOR = "slotserve-controller"
+NAMESPACE = "slotserve"
+SLOTS = ("live", "previous", "candidate")
+
+
+class ControlError(Exception):
+    """An admin request refused; `status` is the HTTP status the API answers with."""
+
+    def __init__(self, status: int, message: str, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+@dataclass(frozen=True)
+class SlotRef:
+    ref: str      # name:version
+    digest: str
+
+    @property
+    def name(self) -> str:
+        return self.ref.rsplit(":", 1)[0]
+
+    @property
+    def version(self) -> int:
+        return int(self.ref.rsplit(":", 1)[1])
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    version: int = 0
+    live: SlotRef | None = None
+    previous: SlotRef | None = None
+    candidate: SlotRef | None = None
+    weights: dict = field(default_factory=lambda: {"live": 100.0})
+    mirror_fraction: float = 0.0
+    salt: str = ""
+    sticky_key: str = "none"
+    safety: dict | None = None        # rollout spec's safety config (None: defaults)
+    window_epoch: int = 0              # bumps when replicas must reset their windows
+    rollout_phase: str | None = None
+    evict_previous: bool = False       # the next candidate load may drop previous
+    reason: str = ""
+    updated_at: float = 0.0
+
+    def slot(self, name: str) -> SlotRef | None:
+        return getattr(self, name)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DesiredState":
+        d = dict(d)
+        for s in SLOTS:
+            if d.get(s):
+                d[s] = SlotRef(**d[s])
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class ReplicaInfo:
+    id: str
+    node: str = ""
+    seen: float = 0.0
+    applied: int = -1
+    ready: bool = False
+    slots: dict = field(default_factory=dict)
+    error: dict | None = None          # {"version": v, "message": ...} for a failed apply
+    inflight: int = 0
+    loading: str | None = None         # what it is loading now (progress)
+
+
+class ControllerCore:
+    def __init__(self, store, *, app: str = "slotserve", bundle: str | None = None,
+                 clock: Callable[[], float] = time.time, post: Callable[[str, dict], Any] | None = None,
+                 actor: str = "controller"):
+        self.store = store
+        self.app = app
+        self.clock = clock
+        self.post = post or (lambda url, body: None)
+        self.actor = actor
+        self.state_path = Path(store.root) / "serve" / f"{app}.json"
+        self.replicas: dict[str, ReplicaInfo] = {}
+        self.windows = WindowSet(("live", "candidate"), now=clock())
+        self.rollout: ro.RolloutState | None = None
+        self.rollout_spec: dict | None = None
+        self.state = self._restore(bundle)
+
+    # ------------------------------------------------------------ persistence
+
+    def _restore(self, bundle: str | None) -> DesiredState:
+        state = DesiredState()
+        if self.state_path.exists():
+            try:
+                saved = json.loads(self.state_path.read_text())
+                state = DesiredState.from_dict(saved["state"])
+                if saved.get("rollout_spec") and state.rollout_phase in ro.ACTIVE:
+                    # A rollout cannot resume mid-step after a restart (its windows are
+                    # gone); traffic goes back to live, the candidate stays staged.
+                    state = replace(state, weights={"live": 100.0}, mirror_fraction=0.0,
+                                    rollout_phase="aborted", reason="controller restarted mid-rollout")
+                    self._ledger("abort", state.candidate.ref if state.candidate else None,
+                                 reason="controller restarted during the rollout; traffic on live")
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("ignoring unreadable state %s: %s", self.state_path, exc)
+                state = DesiredState()
+        if bundle:
+            rec = self._resolve(bundle)
+            if state.live is None:
+                state = replace(state, live=SlotRef(rec.ref, rec.digest), reason=f"serve --bundle {bundle}")
+                self._ledger("load", rec.ref, to=rec.ref, reason=f"initial live ({bundle})")
+            elif state.live.digest != rec.digest:
+                # An explicit --bundle that differs from the persisted live: it becomes
+                # live and the old live is kept warm as previous.
+                state = replace(state, previous=state.live, live=SlotRef(rec.ref, rec.digest),
+                                candidate=None if state.candidate and state.candidate.digest == rec.digest
+                                else state.candidate, reason=f"serve --bundle {bundle}")
+                self._ledger("promote", rec.ref, from_=state.previous.ref, to=rec.ref,
+                             reason=f"serve --bundle {bundle} replaced the persisted live")
+        state = replace(state, version=state.version + 1, updated_at=self.clock())
+        self._persist(state)
+        return state
+
+    def _persist(self, state: DesiredState) -> None:
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_name(f".{self.state_path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"state": state.to_dict(), "rollout_spec": self.rollout_spec},
+                                  indent=1, sort_keys=True))
+        os.replace(tmp, self.state_path)
+        self._sync_aliases(state)
+
+    def _sync_aliases(self, state: DesiredState) -> None:
+        """`name@live|previous|candidate` follow the desired state (so refs like
+        support-bot@previous resolve, and `bundle show` says where a version serves)."""
+        reg = self.store.registry
+        holders = reg.aliases()
+        why = state.reason or "state change"
+        for slot in SLOTS:
+            want = state.slot(slot)
+            for name, aliases in holders.items():
+                if slot in aliases and (want is None or name != want.name):
+                    reg.clear_alias(name, slot, self.actor, reason=why)
+            if want is not None and holders.get(want.name, {}).get(slot) != want.version:
+                reg.set_alias(want.name, slot, want.version, self.actor, reason=why)
+
+    def _resolve(self, ref: str):
+        from slotserve.bundles.manifest import BundleError
+        try:
+            return self.store.resolve(ref)
+        except BundleError as exc:
+            raise ControlError(404, str(exc), "bundle_not_found") from None
+
+    def _ledger(self, action: str, bundle: str | None, *, from_: str | None = None, to: str | None = None,
+                reason: str = "", metrics: dict | None = None, actor: str | None = None) -> None:
+        try:
+            self.store.registry.record(action, actor or self.actor, bundle, from_, to, reason,
+                                       _jsonable(metrics) if metrics else None)
+        except Exception as exc:  # the ledger must not take serving down
+            log.error("ledger write failed (%s %s): %s", action, bundle, exc)
+
+    def _set(self, reason: str, **changes) -> DesiredState:
+        self.state = replace(self.state, version=self.state.version + 1, reason=reason,
+                             updated_at=self.clock(), **changes)
+        self._persist(self.state)
+        return self.state
+
+    # ------------------------------------------------------------ replicas
+
+    def report(self, replica_id: str, status: dict, events: list | None = None) -> DesiredState:
+        info = self.replicas.get(replica_id) or ReplicaInfo(replica_id)
+        self.replicas[replica_id] = info
+        info.seen = self.clock()
+        for k in ("node", "applied", "ready", "slots", "error", "inflight", "loading"):
+            if k in status:
+                setattr(info, k, status[k])
+        for ev in events or ():
+            self._ingest(ev)
+        return self.state
+
+    def forget(self, replica_id: str) -> None:
+        self.replicas.pop(replica_id, None)
+
+    def _ingest(self, ev: dict) -> None:
+        kind = ev.get("kind")
+        if kind == "request":
+            o = RequestOutcome(**ev["outcome"])
+            self.windows.record(o)
+            if o.oom and o.slot == "candidate":
+                self._oom(o)
+        elif kind == "feedback":
+            w = self.windows.windows.get(ev.get("slot"))
+            if w is not None:
+                w.record_feedback(ev["positive"], ev.get("bundle"))
+        elif kind == "shadow":
+            w = self.windows.windows.get("candidate")
+            if w is not None and (w.bundle is None or w.bundle == ev.get("bundle")):
+                w.record_shadow(ShadowDiff(**ev["diff"]))
+        elif kind == "oom":
+            self._oom(None, ev)
+
+    def _oom(self, outcome: RequestOutcome | None, detail: dict | None = None) -> None:
+        if self.rollout is not None and self.rollout.active:
+            self.rollout, events = ro.on_oom(self.rollout, self.clock(), detail or {})
+            self._apply_events(events)
+        elif self.state.candidate is not None and (detail or {}).get("released"):
+            self._set("candidate released after out of memory", candidate=None,
+                      weights={"live": 100.0}, mirror_fraction=0.0)
+
+    def active_replicas(self) -> list[ReplicaInfo]:
+        now = self.clock()
+        for rid in [r.id for r in self.replicas.values() if now - r.seen > REPLICA_TTL_S]:
+            del self.replicas[rid]
+        return list(self.replicas.values())
+
+    def convergence(self, version: int) -> tuple[bool, list[str]]:
+        """(all serving replicas applied `version`, errors reported for it)."""
+        reps = [r for r in self.active_replicas() if r.ready or r.applied >= 0]
+        errors = [f"{r.id}: {r.error['message']}" for r in reps
+                  if r.error and r.error.get("version", -1) >= version]
+        done = bool(reps) and all(r.applied >= version for r in reps if not r.error
+                                  or r.error.get("version", -1) < version)
+        return done, errors
+
+    # ------------------------------------------------------------ admin operations
+
+    def load(self, ref: str, *, actor: str, evict_previous: bool = False) -> DesiredState:
+        if self.rollout is not None and self.rollout.active:
+            raise ControlError(409, f"a rollout of {self.rollout.candidate} is in progress "
+                                    "(phase {self.rollout.phase}); abort or promote it first",
+                               "rollout_in_progress")
+        rec = self._resolve(ref)
+        if self.state.live and rec.digest == self.state.live.digest:
+            raise ControlError(409, f"{rec.ref} is already live", "already_live")
+        self._ledger("load", rec.ref, to=rec.ref, reason=f"staged as candidate (by {actor})",
+                     actor=actor)
+        return self._set(f"load {rec.ref}", candidate=SlotRef(rec.ref, rec.digest),
+                         weights={"live": 100.0}, mirror_fraction=0.0,
+                         evict_previous=evict_previous, rollout_phase=None)
+
+    def unload_failed(self, ref: str, errors: list[str]) -> DesiredState:
+        self._ledger("load", ref, reason="load failed, candidate released: " + "; ".join(errors)[:1500])
+        return self._set(f"load of {ref} failed", candidate=None, evict_previous=False)
+
+    def promote(self, *, actor: str, reason: str = "") -> DesiredState:
+        if self.rollout is not None and self.rollout.active:
+            self.rollout, events = ro.promote(self.rollout, self.clock(), f"{reason} (by {actor})".strip())
+            self._apply_events(events, actor=actor)
+            return self.state
+        if self.state.candidate is None:
+            raise ControlError(409, "nothing to promote: no candidate is staged "
+                                    "(POST /admin/load {\"bundle\": REF} first)", "no_candidate")
+        return self._do_promote(actor, reason or "manual promote")
+
+    def _do_promote(self, actor: str, reason: str, metrics: dict | None = None) -> DesiredState:
+        old, new = self.state.live, self.state.candidate
+        self._ledger("promote", new.ref, from_=old.ref if old else None, to=new.ref,
+                     reason=reason, metrics=metrics, actor=actor)
+        return self._set(f"promote {new.ref}", live=new, previous=old, candidate=None,
+                         weights={"live": 100.0}, mirror_fraction=0.0,
+                         window_epoch=self.state.window_epoch + 1, evict_previous=False)
+
+    def rollback(self, *, actor: str, reason: str = "", trigger: str = "manual",
+                 metrics: dict | None = None) -> DesiredState:
+        """previous -> live (the old live is kept warm as previous: rolling forward again
+        is the same O(1) swap). An active rollout is aborted first."""
+        if self.rollout is not None and self.rollout.active:
+            self.rollout, events = ro.abort(self.rollout, f"rollback: {reason}", self.clock())
+            self._apply_events(events, actor=actor)
+        if self.state.previous is None:
+            raise ControlError(409, "nothing to roll back to: no previous bundle is warm", "no_previous")
+        old, new = self.state.live, self.state.previous
+        self._ledger("rollback", new.ref, from_=old.ref if old else None, to=new.ref,
+                     reason=reason or trigger, metrics={"trigger": trigger, **(metrics or {})},
+                     actor=actor)
+        return self._set(f"rollback to {new.ref}: {reason}", live=new, previous=old,
+                         weights={"live": 100.0}, mirror_fraction=0.0,
+                         window_epoch=self.state.window_epoch + 1)
+
+    def start_rollout(self, spec_dict: dict, *, actor: str) -> DesiredState:
+        if self.rollout is not None and self.rollout.active:
+            raise ControlError(409, f"a rollout of {self.rollout.candidate} is already in progress "
+                                    f"(phase {self.rollout.phase}); abort or promote it first",
+                               "rollout_in_progress")
+        try:
+            spec = RolloutSpec.parse(spec_dict)
+        except SpecError as exc:
+            raise ControlError(400, str(exc), "invalid_spec") from None
+        rec = self._resolve(spec.bundle)
+        if self.state.live and rec.digest == self.state.live.digest:
+            raise ControlError(409, f"{rec.ref} is already live", "already_live")
+        if self.state.candidate is None or self.state.candidate.digest != rec.digest:
+            raise ControlError(409, f"{rec.ref} is not staged: load it first "
+                                    f"(the API does this for you)", "not_staged")
+        spec = RolloutSpec.parse({**spec.to_dict(), "bundle": rec.ref})
+        now = self.clock()
+        self.rollout_spec = spec.to_dict()
+        self.rollout = ro.start(spec, now, live=self.state.live.ref if self.state.live else None,
+                                salt=uuid.uuid4().hex[:12])
+        self._ledger("rollout_start", rec.ref, from_=self.state.live.ref if self.state.live else None,
+                     to=rec.ref, reason=f"{spec.strategy} rollout by {actor}",
+                     metrics={"spec": self.rollout_spec}, actor=actor)
+        self._reset_windows()
+        return self._set(f"rollout of {rec.ref} started", weights=dict(self.rollout.weights),
+                         mirror_fraction=self.rollout.mirror_fraction, salt=self.rollout.salt,
+                         sticky_key=spec.sticky_key,
+                         safety=spec.safety.to_dict() if spec.safety else None,
+                         rollout_phase=self.rollout.phase, window_epoch=self.state.window_epoch + 1)
+
+    def abort(self, *, actor: str, reason: str = "") -> DesiredState:
+        if self.rollout is not None and self.rollout.active:
+            self.rollout, events = ro.abort(self.rollout, reason or f"aborted by {actor}", self.clock())
+            self._apply_events(events, actor=actor)
+            return self.state
+        if self.state.candidate is None:
+            raise ControlError(409, "nothing to abort: no rollout is active and no candidate is staged",
+                               "nothing_to_abort")
+        self._ledger("abort", self.state.candidate.ref, reason=reason or f"candidate released by {actor}",
+                     actor=actor)
+        return self._set("candidate released", candidate=None, weights={"live": 100.0},
+                         mirror_fraction=0.0)
+
+    def resume(self, *, actor: str) -> DesiredState:
+        if self.rollout is None:
+            raise ControlError(409, "no rollout to resume", "no_rollout")
+        try:
+            self.rollout, events = ro.resume(self.rollout, self.clock())
+        except ro.RolloutError as exc:
+            raise ControlError(409, str(exc), "not_paused") from None
+        self._apply_events(events, actor=actor)
+        return self.state
+
+    def eval_result(self, candidate_score: float, live_score: float, detail: dict) -> None:
+        if self.rollout is None or self.rollout.phase != "pending_eval":
+            return
+        self.rollout, events = ro.on_eval(self.rollout, candidate_score, live_score, self.clock())
+        self._ledger("rollout_step", self.rollout.candidate, reason="eval gate",
+                     metrics={"candidate.eval_score": candidate_score, "live.eval_score": live_score,
+                              **detail})
+        self._apply_events(events)
+
+    # ------------------------------------------------------------ the rollout loop
+
+    def tick(self) -> list:
+        if self.rollout is None or self.rollout.phase != "running":
+            return []
+        now = self.clock()
+        self.rollout, events = ro.tick(self.rollout, self.windows.snapshot(now), now)
+        self._apply_events(events)
+        return events
+
+    def _reset_windows(self) -> None:
+        self.windows.reset(self.clock(), {
+            "live": self.state.live.ref if self.state.live else None,
+            "candidate": self.rollout.candidate if self.rollout else None})
+
+    def _apply_events(self, events: list, actor: str | None = None) -> None:
+        who = actor or self.actor
+        r = self.rollout
+        for ev in events:
+            d = ro.event_dict(ev)
+            if isinstance(ev, ro.StepAdvanced):
+                self._ledger("rollout_step", r.candidate, reason=f"step {ev.index}: {ev.weights}",
+                             metrics={"weights": ev.weights, "mirror_fraction": ev.mirror_fraction},
+                             actor=who)
+                self._set(f"rollout step {ev.index}", weights=dict(ev.weights),
+                          mirror_fraction=ev.mirror_fraction, rollout_phase=r.phase,
+                          window_epoch=self.state.window_epoch + 1)
+                self._reset_windows()
+            elif isinstance(ev, ro.Promoted):
+                self._do_promote(who, f"rollout promoted ({ev.reason})")
+                self._set("rollout promoted", rollout_phase=r.phase)
+            elif isinstance(ev, (ro.RolledBack, ro.Aborted)):
+                action = "rollback" if isinstance(ev, ro.RolledBack) else "abort"
+                metrics = getattr(ev, "metrics", None)
+                self._ledger(action, r.candidate, from_=r.candidate,
+                             to=self.state.live.ref if self.state.live else None,
+                             reason=f"rollout {action}: {ev.reason}",
+                             metrics={"trigger": "guard" if action == "rollback" else "manual",
+                                      **(metrics or {})}, actor=who)
+                self._set(f"rollout {r.phase}: {ev.reason}", candidate=None, weights={"live": 100.0},
+                          mirror_fraction=0.0, rollout_phase=r.phase,
+                          window_epoch=self.state.window_epoch + 1)
+                if action == "rollback":
+                    self._alert(r.spec.alert_webhook, d)
+            elif isinstance(ev, ro.Alerted):
+                self._ledger("alert", r.candidate, reason=ev.reason, metrics=ev.metrics, actor=who)
+                self._alert(ev.webhook, d)
+                self._set(f"alert: {ev.reason}", rollout_phase=r.phase)
+            elif isinstance(ev, ro.Resumed):
+                self._ledger("rollout_step", r.candidate, reason="resumed after alert", actor=who)
+            elif isinstance(ev, ro.EvalGated):
+                pass  # recorded by eval_result with the scores
+
+    def _alert(self, url: str | None, event: dict) -> None:
+        if not url:
+            return
+        body = {"app": self.app, "live": self.state.live.ref if self.state.live else None,
+                **_jsonable(event)}
+        try:
+            self.post(url, body)
+        except Exception as exc:
+            log.error("alert webhook %s failed: %s", url, exc)
+
+    # ------------------------------------------------------------ views
+
+    def rollout_status(self) -> dict:
+        if self.rollout is None:
+            return {"phase": None, "candidate": self.state.candidate.ref if self.state.candidate else None,
+                    "weights": dict(self.state.weights)}
+        out = ro.describe(self.rollout, self.windows.snapshot(self.clock()), self.clock())
+        out["windows"] = {s: w.to_dict() for s, w in self.windows.snapshot(self.clock()).items()}
+        return _jsonable(out)
+
+    def admin_state(self) -> dict:
+        s = self.state
+        return _jsonable({
+            "app": self.app, "version": s.version,
+            "desired": {slot: (asdict(s.slot(slot)) if s.slot(slot) else None) for slot in SLOTS},
+            "weights": dict(s.weights), "mirror_fraction": s.mirror_fraction,
+            "rollout_phase": s.rollout_phase, "reason": s.reason, "updated_at": s.updated_at,
+            "replicas": [asdict(r) for r in sorted(self.active_replicas(), key=lambda r: r.id)],
+        })
+
+    def ledger(self, limit: int = 50, bundle: str | None = None) -> list[dict]:
+        return [e.to_dict() for e in self.store.registry.ledger(limit, bundle)]
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__")
+                                 else (sorted(o) if isinstance(o, (set, frozenset)) else str(o))))
+
+
+# ================================================================ the Ray actor
+
+
+class SlotController:
+    """Async actor shell: long-poll watch, convergence waits, the tick loop, webhooks."""
+
+    def __init__(self, store_root: str | None = None, app: str = "slotserve",
+                 bundle: str | None = None):
+        from slotserve.bundles.store import Store
+        self._webhooks: list[tuple[str, dict]] = []
+        self.core = ControllerCore(Store(store_root), app=app, bundle=bundle,
+                                   post=lambda url, body: self._webhooks.append((url, body)))
+        self._changed: asyncio.Event | None = None
+        self._loop_task = None
+
+    # -- plumbing
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None:
+            self._changed = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._ticker())
+            self._seen_version = self.core.state.version
+
+    def _notify(self) -> None:
+        if self.core.state.version != self._seen_version:
+            self._seen_version = self.core.state.version
+            ev, self._changed = self._changed, asyncio.Event()
+            ev.set()
+        if self._webhooks:
+            hooks, self._webhooks = self._webhooks, []
+            for url, body in hooks:
+                asyncio.get_running_loop().create_task(_post(url, body))
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            try:
+                self.core.tick()
+            except Exception:
+                log.exception("rollout tick failed")
+            self._notify()
+
+    async def ping(self) -> str:
+        self._ensure_loop()
+        return "ok"
+
+    # -- replicas
+
+    async def watch(self, known_version: int, timeout: float = HEARTBEAT_S) -> dict:
+        """The desired state once it is newer than `known_version` (or after `timeout`)."""
+        self._ensure_loop()
+        if self.core.state.version <= known_version:
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        return self.core.state.to_dict()
+
+    async def report(self, replica_id: str, status: dict, events: list | None = None) -> int:
+        self._ensure_loop()
+        self.core.report(replica_id, status, events)
+        self._notify()
+        return self.core.state.version
+
+    async def forget(self, replica_id: str) -> None:
+        self.core.forget(replica_id)
+
+    async def state(self) -> dict:
+        self._ensure_loop()
+        return self.core.state.to_dict()
+
+    # -- admin
+
+    async def admin(self, op: str, args: dict, wait_s: float = 30.0) -> dict:
+        """Run an admin operation, then wait until every replica has applied it."""
+        self._ensure_loop()
+        fn = {"load": self.core.load, "promote": self.core.promote, "rollback": self.core.rollback,
+              "rollout": self.core.start_rollout, "abort": self.core.abort,
+              "resume": self.core.resume}[op]
+        t0 = time.perf_counter()
+        try:
+            if op == "rollout":
+                spec = dict(args["spec"])
+                rec = self.core._resolve(spec.get("bundle", ""))
+                cand = self.core.state.candidate
+                if cand is None or cand.digest != rec.digest:
+                    try:
+                        RolloutSpec.parse(spec)  # refuse a bad spec before loading anything
+                    except SpecError as exc:
+                        raise ControlError(400, str(exc), "invalid_spec") from None
+                    if self.core.rollout is not None and self.core.rollout.active:
+                        raise ControlError(409, "a rollout is already in progress", "rollout_in_progress")
+                    self.core.load(rec.ref, actor=args["actor"])
+                    self._notify()
+                    await self._converge(self.core.state.version, wait_s, load_ref=rec.ref)
+                state = self.core.start_rollout(spec, actor=args["actor"])
+                if self.core.rollout.phase == "pending_eval":
+                    asyncio.get_running_loop().create_task(self._run_eval(args.get("eval")))
+            else:
+                state = fn(**args)
+        except ControlError as exc:
+            return {"error": {"status": exc.status, "message": exc.message, "code": exc.code}}
+        self._notify()
+        load_ref = state.candidate.ref if op == "load" and state.candidate else None
+        try:
+            conv = await self._converge(state.version, wait_s, load_ref=load_ref)
+        except ControlError as exc:
+            return {"error": {"status": exc.status, "message": exc.message, "code": exc.code}}
+        return {"state": self.core.admin_state(), "version": state.version,
+                "converged": conv["converged"], "converge_ms": conv["converge_ms"],
+                "total_ms": round((time.perf_counter() - t0) * 1e3, 2),
+                "replicas": conv["replicas"]}
+
+    async def _converge(self, version: int, wait_s: float, load_ref: str | None = None) -> dict:
+        t0 = time.perf_counter()
+        deadline = t0 + wait_s
+        while True:
+            done, errors = self.core.convergence(version)
+            if errors and load_ref:
+                self.core.unload_failed(load_ref, errors)
+                self._notify()
+                raise ControlError(507 if any("fit" in e for e in errors) else 500,
+                                   f"loading {load_ref} failed on {len(errors)} replica(s): "
+                                   + "; ".join(errors), "load_failed")
+            if done or time.perf_counter() > deadline:
+                break
+            await asyncio.sleep(0.005)
+        return {"converged": done, "converge_ms": round((time.perf_counter() - t0) * 1e3, 2),
+                "replicas": len(self.core.active_replicas()), "errors": errors}
+
+    async def _run_eval(self, handle_info) -> None:
+        """Ask one replica to run the candidate's eval set on candidate and live."""
+        try:
+            from ray import serve
+            h = serve.get_deployment_handle(handle_info["deployment"], app_name=handle_info["app"])
+            res = await h.run_eval.remote()
+            self.core.eval_result(res["candidate"], res["live"], res.get("detail", {}))
+        except Exception as exc:
+            log.exception("eval gate failed")
+            if self.core.rollout is not None and self.core.rollout.active:
+                self.core.rollout, events = ro.abort(self.core.rollout, f"eval gate failed: {exc}",
+                                                     self.core.clock())
+                self.core._apply_events(events)
+        self._notify()
+
+    async def rollout_status(self) -> dict:
+        return self.core.rollout_status()
+
+    async def admin_state(self) -> dict:
+        return self.core.admin_state()
+
+    async def ledger(self, limit: int = 50, bundle: str | None = None) -> list[dict]:
+        return self.core.ledger(limit, bundle)
+
+
+async def _post(url: str, body: dict) -> None:
+    import httpx
+    try:
+        async with httpx.AsyncClient(timeout=5.0) as c:
+            await c.post(url, json=body)
+    except Exception as exc:
+        log.error("alert webhook %s failed: %s", url, exc)
+
+
+def get_or_create(store_root: str | None, app: str = "slotserve", bundle: str | None = None):
+    """The app's controller actor (created detached on first use)."""
+    import ray
+    actor_cls = ray.remote(SlotController)
+    return actor_cls.options(name=f"{ACTOR}:{app}", namespace=NAMESPACE, lifetime="detached",
+                             get_if_exists=True, num_cpus=0, max_restarts=-1,
+                             max_concurrency=1000).remote(store_root, app, bundle)

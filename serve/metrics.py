@@ -1,0 +1,110 @@
+"""Ray metrics (exported to Prometheus and the Ray dashboard), labelled by bundle and slot.
+
+    slotserve_requests_total{bundle,slot,status}       finished requests (ok|error|cancelled)
+    slotserve_request_latency_ms{bundle,slot}          end-to-end latency histogram
+    slotserve_ttft_ms{bundle,slot}                     time to first token histogram
+    slotserve_tokens_generated_total{bundle,slot}      completion tokens (rate() = tokens/s)
+    slotserve_safety_hits_total{bundle,slot}
+    slotserve_slot_memory_bytes{bundle,slot,tier,kind} held | shared | gpu (pynvml, CUDA only)
+    slotserve_traffic_weight{bundle,slot}              percent of routed traffic
+    slotserve_rollbacks_total{trigger}                 manual | guard | oom
+
+Outside a Ray worker the metrics are no-ops, so the handler and the tests do not
+depend on Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("slotserve.metrics")
+
+LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
+
+
+class _Noop:
+    def inc(self, *a, **k): ...
+    def observe(self, *a, **k): ...
+    def set(self, *a, **k): ...
+
+
+class Metrics:
+    def __init__(self, replica: str = ""):
+        self.replica = replica
+        try:
+            import ray
+            from ray.util.metrics import Counter, Gauge, Histogram
+            if not ray.is_initialized():
+                raise RuntimeError("ray not initialised")
+        except Exception:
+            self.requests = self.latency = self.ttft = self.tokens = self.safety = _Noop()
+            self.memory = self.weight = self.rollbacks = _Noop()
+            return
+        bs = ("bundle", "slot")
+        self.requests = Counter("slotserve_requests_total", "finished requests",
+                                tag_keys=bs + ("status",))
+        self.latency = Histogram("slotserve_request_latency_ms", "request latency (ms)",
+                                 boundaries=LATENCY_BOUNDARIES_MS, tag_keys=bs)
+        self.ttft = Histogram("slotserve_ttft_ms", "time to first token (ms)",
+                              boundaries=LATENCY_BOUNDARIES_MS, tag_keys=bs)
+        self.tokens = Counter("slotserve_tokens_generated_total", "completion tokens", tag_keys=bs)
+        self.safety = Counter("slotserve_safety_hits_total", "safety filter hits", tag_keys=bs)
+        self.memory = Gauge("slotserve_slot_memory_bytes", "bytes a slot holds",
+                            tag_keys=bs + ("tier", "kind"))
+        self.weight = Gauge("slotserve_traffic_weight", "percent of routed traffic", tag_keys=bs)
+        self.rollbacks = Counter("slotserve_rollbacks_total", "rollbacks by trigger",
+                                 tag_keys=("trigger",))
+
+    def observe(self, o, safety_hit: bool = False) -> None:
+        tags = {"bundle": o.view.ref, "slot": o.slot}
+        status = "cancelled" if o.cancelled else ("ok" if o.ok else "error")
+        self.requests.inc(1, {**tags, "status": status})
+        if o.ok:
+            self.latency.observe(o.latency_s * 1e3, tags)
+            if o.ttft_s is not None:
+                self.ttft.observe(o.ttft_s * 1e3, tags)
+        if o.completion_tokens:
+            self.tokens.inc(o.completion_tokens, tags)
+        if safety_hit:
+            self.safety.inc(1, tags)
+
+    def slots(self, slot_state: dict, views: dict, weights: dict) -> None:
+        """Gauges from the slot manager's state (bytes held/shared, tier) and the weights."""
+        for slot, view in views.items():
+            tags = {"bundle": view.ref, "slot": slot}
+            info = _slot_info(slot_state, slot)
+            tier = str(info.get("tier", "device"))
+            for kind, key in (("held", "bytes_held"), ("shared", "bytes_shared")):
+                v = info.get(key)
+                if isinstance(v, (int, float)):
+                    self.memory.set(v, {**tags, "tier": tier, "kind": kind})
+            self.weight.set(float(weights.get(slot, 0.0)), tags)
+        for slot, gpu in gpu_bytes_by_slot(slot_state).items():
+            if slot in views:
+                self.memory.set(gpu, {"bundle": views[slot].ref, "slot": slot, "tier": "gpu",
+                                      "kind": "gpu"})
+
+    def rollback(self, trigger: str) -> None:
+        self.rollbacks.inc(1, {"trigger": trigger})
+
+
+def _slot_info(slot_state: dict, slot: str) -> dict:
+    slots = slot_state.get("slots", slot_state) if isinstance(slot_state, dict) else {}
+    info = slots.get(slot) if isinstance(slots, dict) else None
+    return info if isinstance(info, dict) else {}
+
+
+def gpu_bytes_by_slot(slot_state: dict) -> dict[str, int]:
+    """GPU bytes per slot where a GPU is present (pynvml for the device total; the slot
+    manager's per-slot figures split it). Empty without a GPU."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+    except Exception:
+        return {}
+    out = {}
+    for slot in ("live", "previous", "candidate"):
+        info = _slot_info(slot_state, slot)
+        if info.get("tier", "device") in ("device", "gpu", "cuda") and isinstance(info.get("bytes_held"), int):
+            out[slot] = info["bytes_held"]
+    return out

@@ -1,0 +1,367 @@
+"""One serving replica without Ray: converge the slots to the desired state, report back.
+
+A `Replica` owns a SlotManager, the request `Handler` and two background loops:
+
+* watch: long-polls the controller for the desired state and applies it — promote and
+  rollback are O(1) swaps; only a bundle not yet in any slot is loaded (in a thread,
+  so live keeps serving while a candidate loads);
+* report: sends the applied version, the slots, and the request outcomes (for the
+  controller's rollout windows) every `report_interval_s`.
+
+The Ray deployment (slotserve.app) is a thin shell around this; tests drive it with
+an in-process controller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from slotserve.controller import HEARTBEAT_S, SLOTS, DesiredState
+from slotserve.handler import BundleView, Handler, Outcome, Routing
+
+log = logging.getLogger("slotserve.replica")
+MAX_OUTBOX = 20_000
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a replica needs to know; the deployment's init args (JSON-able)."""
+
+    store: str | None = None             # store root (path shared by every node)
+    bundle: str | None = None            # initial live bundle when no state is persisted
+    device: str = "cpu"
+    memory_budget: str | int | None = None
+    app: str = "slotserve"
+    deployment: str = "SlotServe"
+    served_name: str | None = None       # logical model name; default: the live bundle's name
+    admin_token_sha256: str | None = None
+    max_inflight: int = 256              # per replica; more is a 429 with Retry-After
+    report_interval_s: float = 0.1
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Settings":
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown setting(s) {unknown}; valid: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class LocalController:
+    """Calls an in-process SlotController (tests, single process); same shape as RayController."""
+
+    def __init__(self, controller):
+        self.c = controller
+
+    async def call(self, method: str, *args, **kwargs):
+        return await getattr(self.c, method)(*args, **kwargs)
+
+
+class RayController:
+    def __init__(self, handle):
+        self.h = handle
+
+    async def call(self, method: str, *args, **kwargs):
+        return await getattr(self.h, method).remote(*args, **kwargs)
+
+
+class SlotsBackend:
+    """The handler's view of a SlotManager: bundle views per slot, async generation."""
+
+    def __init__(self, mgr):
+        self.mgr = mgr
+        self._views: dict[str, BundleView] = {}      # by digest; one per loaded bundle
+
+    def view_of(self, slot_obj) -> BundleView:
+        b = slot_obj.bundle
+        v = self._views.get(b.manifest.digest)
+        if v is None:
+            v = BundleView.from_bundle(b, tokenizer=getattr(slot_obj, "tokenizer", None))
+            eng = getattr(slot_obj, "engine", None)
+            if eng is not None and getattr(eng, "max_model_len", None):
+                v.max_model_len = int(eng.max_model_len)
+            self._views[b.manifest.digest] = v
+        return v
+
+    def views(self) -> dict[str, BundleView]:
+        out = {}
+        for name in SLOTS:
+            s = self.mgr.get(name) if hasattr(self.mgr, "get") else _slot_or_none(self.mgr, name)
+            if s is not None:
+                out[name] = self.view_of(s)
+        return out
+
+    def digests(self) -> dict[str, str]:
+        return {s: v.digest for s, v in self.views().items()}
+
+    def prune(self) -> None:
+        keep = set(self.digests().values())
+        for d in list(self._views):
+            if d not in keep:
+                del self._views[d]
+
+    async def generate(self, slot: str, prompt_ids: list[int], params: dict):
+        from slotserve.engine import SamplingParams
+        return await self.mgr.generate(slot, prompt_ids, SamplingParams(**params))
+
+
+def _slot_or_none(mgr, name):
+    try:
+        return mgr.slot(name)
+    except (KeyError, LookupError, ValueError):
+        return None
+
+
+class Replica:
+    def __init__(self, settings: Settings, controller, *, mgr=None, replica_id: str | None = None,
+                 metrics=None):
+        self.settings = settings
+        self.controller = controller
+        self.id = replica_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.node = socket.gethostname()
+        if mgr is None:
+            mgr = _make_manager(settings)
+        self.mgr = mgr
+        self.backend = SlotsBackend(mgr)
+        self.metrics = metrics
+        self.handler = Handler(self.backend, observe=self._observe, on_shadow=self.shadow)
+        self.desired: DesiredState | None = None
+        self.applied = -1
+        self.error: dict | None = None
+        self.loading: str | None = None
+        self.outbox: list[dict] = []
+        self._tasks: list[asyncio.Task] = []
+        self._wake = asyncio.Event()
+        self._stopped = False
+        self.safety = None
+
+    # ------------------------------------------------------------ life cycle
+
+    async def start(self) -> None:
+        """Fetch the desired state and load live + previous before taking traffic."""
+        await self.controller.call("report", self.id, self.status(), [])
+        state = DesiredState.from_dict(await self.controller.call("watch", -1, 0.0))
+        await self.apply(state)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._watch_loop()), loop.create_task(self._report_loop())]
+
+    async def stop(self) -> None:
+        self._stopped = True
+        for t in self._tasks:
+            t.cancel()
+        try:
+            await self.controller.call("forget", self.id)
+        except Exception:
+            pass
+
+    async def _watch_loop(self) -> None:
+        while not self._stopped:
+            try:
+                known = self.desired.version if self.desired else -1
+                d = DesiredState.from_dict(await self.controller.call("watch", known, HEARTBEAT_S))
+                if d.version != known:
+                    await self.apply(d)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # controller restarting: retry, keep serving
+                log.warning("watch failed: %s", exc)
+                await asyncio.sleep(0.5)
+
+    async def _report_loop(self) -> None:
+        while not self._stopped:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.settings.report_interval_s
+                                       if self.outbox or self._rollout_active() else 1.0)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            await self.report()
+
+    async def report(self) -> None:
+        events, self.outbox = self.outbox, []
+        try:
+            await self.controller.call("report", self.id, self.status(), events)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("report failed: %s", exc)
+            self.outbox = (events + self.outbox)[-MAX_OUTBOX:]
+
+    def _rollout_active(self) -> bool:
+        return bool(self.desired and self.desired.rollout_phase in ("pending_eval", "running"))
+
+    # ------------------------------------------------------------ converging
+
+    async def apply(self, d: DesiredState) -> None:
+        """Make the slots match `d`; then route by its weights. Idempotent."""
+        if self.error and self.error.get("version") == d.version:
+            return
+        try:
+            await self._reconcile(d)
+            self.error = None
+        except Exception as exc:
+            log.error("applying desired state v%s failed: %s", d.version, exc)
+            self.error = {"version": d.version, "message": f"{type(exc).__name__}: {exc}"}
+        finally:
+            self.loading = None
+        self.desired = d
+        if self.error is None:
+            self.applied = d.version
+        self.handler.routing = Routing(
+            weights={s: w for s, w in d.weights.items() if w > 0} or {"live": 100.0},
+            salt=d.salt, sticky_key=None if d.sticky_key == "none" else d.sticky_key,
+            served_name=self.settings.served_name, shadow_fraction=d.mirror_fraction)
+        if d.safety is not None or self.safety is None:
+            from slotserve.safety import SafetyFilter
+            self.safety = SafetyFilter.from_config(d.safety)
+        self.backend.prune()
+        self._wake.set()
+        await self.report()
+
+    async def _reconcile(self, d: DesiredState) -> None:
+        mgr = self.mgr
+        cur = self.backend.digests()
+        want = {s: (d.slot(s).digest if d.slot(s) else None) for s in SLOTS}
+        if want == {s: cur.get(s) for s in SLOTS}:
+            return
+        # O(1) swaps first: promote (candidate -> live, live -> previous) ...
+        if want["live"] and want["live"] == cur.get("candidate") and want["previous"] == cur.get("live"):
+            mgr.promote()
+            cur = self.backend.digests()
+        # ... and rollback (previous -> live, live -> previous).
+        elif want["live"] and want["live"] == cur.get("previous") and cur.get("live"):
+            mgr.rollback(d.reason or "rollback")
+            cur = self.backend.digests()
+        # Release what is no longer wanted (candidate first: it is what a revert drops).
+        for s in ("candidate", "previous"):
+            if cur.get(s) and cur.get(s) != want[s]:
+                mgr.release(s)
+        cur = self.backend.digests()
+        # Load what is missing: live first, so a new replica can serve as early as possible.
+        for s in ("live", "previous", "candidate"):
+            ref = d.slot(s)
+            if ref is not None and cur.get(s) != ref.digest:
+                self.loading = f"{s}: {ref.ref}"
+                await self.report()
+                kw = {"evict_previous": True} if s == "candidate" and d.evict_previous else {}
+                await asyncio.to_thread(mgr.load, ref.ref, s, **kw)
+                got = self.backend.digests().get(s)
+                if got != ref.digest:
+                    raise RuntimeError(f"slot {s} holds {got} after loading {ref.ref} ({ref.digest})")
+
+    # ------------------------------------------------------------ health and status
+
+    def ready(self) -> tuple[bool, str]:
+        d = self.desired
+        if d is None:
+            return False, "waiting for the controller"
+        cur = self.backend.digests()
+        for s in ("live", "previous"):
+            ref = d.slot(s)
+            if ref is not None and cur.get(s) != ref.digest:
+                why = f"loading {s} {ref.ref}" if self.loading else f"{s} {ref.ref} not loaded"
+                if self.error:
+                    why += f" (last error: {self.error['message']})"
+                return False, why
+        if "live" not in cur:
+            return False, "no live bundle"
+        return True, "ok"
+
+    def slot_state(self) -> dict:
+        try:
+            st = self.mgr.state()
+        except Exception as exc:
+            return {"error": str(exc)}
+        return _jsonable(st)
+
+    def status(self) -> dict:
+        ok, why = self.ready()
+        return {"node": self.node, "applied": self.applied, "ready": ok, "why": why,
+                "slots": self.slot_state(), "error": self.error,
+                "inflight": self.handler.inflight, "loading": self.loading}
+
+    # ------------------------------------------------------------ outcomes
+
+    def _observe(self, o: Outcome) -> None:
+        if o.kind == "eval":
+            return  # eval-gate traffic is judged by its score, not by the windows
+        oom = o.error_kind in ("OutOfMemoryError", "InjectedOOM") if o.error_kind else False
+        nan = bool(o.error_kind and "nan" in o.error_kind.lower())
+        safety_hit = bool(o.ok and self.safety is not None and o.text and self.safety(o.text))
+        rec = {"slot": o.slot, "bundle": o.view.ref, "latency_ms": o.latency_s * 1e3,
+               "ttft_ms": None if o.ttft_s is None else o.ttft_s * 1e3,
+               "ok": o.ok or o.cancelled, "oom": oom, "nan": nan, "safety_hit": safety_hit,
+               "tokens": o.completion_tokens}
+        if not o.cancelled:  # a client that went away says nothing about the bundle
+            self._push({"kind": "request", "outcome": rec})
+        if self.metrics is not None:
+            self.metrics.observe(o, safety_hit)
+
+    async def run_eval(self, max_tokens: int = 32) -> dict:
+        """The candidate's eval set (eval/eval.jsonl), greedy, on candidate and on live."""
+        from slotserve.evals import load_eval, run_eval
+        from slotserve.protocol import ChatCompletionRequest, CompletionRequest
+        views = self.backend.views()
+        if "candidate" not in views or "live" not in views:
+            raise RuntimeError("the eval gate needs a candidate and a live bundle loaded")
+        items = load_eval(views["candidate"].path)
+        loop = asyncio.get_running_loop()
+
+        async def one(slot: str, prompt) -> str:
+            view = self.backend.views()[slot]
+            if isinstance(prompt, str):
+                req = CompletionRequest(model=view.ref, prompt=prompt, max_tokens=max_tokens, temperature=0)
+                kind = "completion"
+            else:
+                req = ChatCompletionRequest(model=view.ref, messages=prompt, temperature=0,
+                                            max_tokens=max_tokens)
+                kind = "chat"
+            prep = self.handler.prepare(kind, req, slot, True)
+            prep.kind = "eval"
+            run = await self.handler._start(prep)
+            return "".join([p async for p in run.deltas()])
+
+        def gen(slot):
+            return lambda prompt: asyncio.run_coroutine_threadsafe(one(slot, prompt), loop).result(300)
+
+        cand = await asyncio.to_thread(run_eval, items, gen("candidate"))
+        live = await asyncio.to_thread(run_eval, items, gen("live"))
+        return {"candidate": cand.score, "live": live.score,
+                "detail": {"items": len(items), "candidate.passed": cand.passed,
+                           "live.passed": live.passed}}
+
+    def feedback(self, slot: str | None, view: BundleView, positive: bool) -> None:
+        self._push({"kind": "feedback", "slot": slot, "bundle": view.ref, "positive": positive})
+
+    def shadow(self, diff, view: BundleView) -> None:
+        self._push({"kind": "shadow", "bundle": view.ref, "diff": asdict(diff)})
+
+    def _push(self, ev: dict) -> None:
+        self.outbox.append(ev)
+        if len(self.outbox) > MAX_OUTBOX:
+            del self.outbox[: len(self.outbox) - MAX_OUTBOX]
+
+
+def _make_manager(settings: Settings):
+    from slotserve.bundles.store import Store
+    from slotserve.memory import parse_size
+    from slotserve.slots import SlotManager
+    budget = parse_size(settings.memory_budget) if settings.memory_budget not in (None, "") else None
+    return SlotManager(Store(settings.store), device=settings.device, memory_budget_bytes=budget)
+
+
+def _jsonable(x: Any):
+    import json
+    return json.loads(json.dumps(x, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__")
+                                 else str(o)))

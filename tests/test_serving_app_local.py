@@ -1,0 +1,196 @@
+"""The whole HTTP surface in one process, no Ray: app + replica + controller + real engines.
+
+A minimal in-test slot manager keeps this file independent of slotserve.slots; the
+Ray tests (test_serving_ray.py) run the real one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from slotserve.app import create_app
+from slotserve.auth import digest
+from slotserve.bundles.demo import publish_demo
+from slotserve.bundles.store import Store
+from slotserve.controller import SlotController
+from slotserve.replica import LocalController, Replica, Settings
+
+TOKEN = "test-token-123"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
+@dataclass
+class _Slot:
+    name: str
+    bundle: object
+    engine: object
+    tokenizer: object = None
+    tier: str = "device"
+
+
+class MiniSlots:
+    """live/previous/candidate with real engines; swaps are pointer moves."""
+
+    def __init__(self, store):
+        self.store, self.slots = store, {}
+
+    def get(self, name):
+        return self.slots.get(name)
+
+    def load(self, ref, slot="candidate", evict_previous=False):
+        from slotserve.engine import Engine
+        b = self.store.open(ref)
+        old = self.slots.get(slot)
+        self.slots[slot] = _Slot(slot, b, Engine.from_pretrained(b.path))
+        if old:
+            old.engine.close()
+
+    def promote(self):
+        old_prev = self.slots.pop("previous", None)
+        if "live" in self.slots:
+            self.slots["previous"] = self.slots.pop("live")
+        self.slots["live"] = self.slots.pop("candidate")
+        if old_prev:
+            old_prev.engine.close()
+
+    def rollback(self, reason=""):
+        self.slots["live"], self.slots["previous"] = self.slots["previous"], self.slots["live"]
+
+    def release(self, slot):
+        s = self.slots.pop(slot, None)
+        if s:
+            s.engine.close()
+
+    def state(self):
+        return {n: {"bundle": s.bundle.manifest.ref, "tier": s.tier} for n, s in self.slots.items()}
+
+    async def generate(self, slot, prompt_ids, params):
+        return self.slots[slot].engine.submit(prompt_ids, params)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    store = Store(root)
+    publish_demo(store, "demo", seed=0)
+    publish_demo(store, "demo", seed=1)
+    return root, store
+
+
+async def _start(root, store):
+    ctl = SlotController(str(root), app="local", bundle="demo:1")
+    settings = Settings(store=str(root), app="local", admin_token_sha256=digest(TOKEN))
+    rep = Replica(settings, LocalController(ctl), mgr=MiniSlots(store), replica_id="r1")
+    await rep.start()
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(rep)),
+                               base_url="http://test", timeout=60)
+    return ctl, rep, client
+
+
+def test_end_to_end_local(env):
+    root, store = env
+
+    async def go():
+        ctl, rep, c = await _start(root, store)
+        try:
+            r = await c.get("/healthz")
+            assert r.status_code == 200 and r.json()["ready"], r.text
+            r = await c.post("/v1/chat/completions", json={
+                "model": "demo", "messages": [{"role": "user", "content": "hello"}],
+                "max_tokens": 8, "temperature": 0})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["model"] == "demo:1" and r.headers["x-slotserve-bundle"] == "demo:1"
+            assert body["system_fingerprint"].startswith("sha256:")
+            assert r.headers["x-slotserve-retrieval-index"] == "none"
+            assert 0 < body["usage"]["completion_tokens"] <= 8
+
+            r = await c.post("/v1/completions", json={"model": "demo", "prompt": "once upon",
+                                                      "max_tokens": 5, "stream": True})
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            events = [e for e in r.text.split("\n\n") if e]
+            assert events[-1] == "data: [DONE]"
+            assert all(json.loads(e[6:])["model"] == "demo:1" for e in events[:-1])
+
+            # admin: refused without the token
+            assert (await c.get("/admin/state")).status_code == 401
+            assert (await c.get("/admin/state", headers={"authorization": "Bearer nope"})).status_code == 401
+            r = await c.post("/admin/load", json={"bundle": "demo:2"}, headers=AUTH)
+            assert r.status_code == 200, r.text
+            assert r.json()["converged"]
+            r = await c.post("/v1/chat/completions", json={
+                "model": "demo:2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+            assert r.json()["model"] == "demo:2"  # pinned to the candidate
+            r = await c.post("/admin/rollout/promote", json={"reason": "test"}, headers=AUTH)
+            assert r.status_code == 200, r.text
+            r = await c.post("/v1/chat/completions", json={
+                "model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+            assert r.json()["model"] == "demo:2"
+            r = await c.post("/admin/rollback", json={"reason": "drill"}, headers=AUTH)
+            assert r.status_code == 200 and r.json()["converged"], r.text
+            assert r.json()["converge_ms"] < 5000
+            r = await c.post("/v1/chat/completions", json={
+                "model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+            assert r.json()["model"] == "demo:1"
+            st = (await c.get("/admin/state", headers=AUTH)).json()
+            assert st["desired"]["live"]["ref"] == "demo:1" and st["desired"]["previous"]["ref"] == "demo:2"
+            led = (await c.get("/admin/ledger", headers=AUTH)).json()["entries"]
+            assert {"rollback", "promote", "load"} <= {e["action"] for e in led}
+            models = (await c.get("/v1/models")).json()["data"]
+            assert [m["id"] for m in models] == ["demo", "demo:1", "demo:2"]
+        finally:
+            await c.aclose()
+            await rep.stop()
+            for s in list(rep.mgr.slots):
+                rep.mgr.release(s)
+
+    asyncio.run(go())
+
+
+BAD = [
+    (b"{not json", 400),
+    (b"", 400),
+    (b"[1,2]", 400),
+    (json.dumps({"model": "demo", "messages": []}).encode(), 400),
+    (json.dumps({"model": "demo", "messages": [{"role": "user", "content": "x"}], "max_tokens": -3}).encode(), 400),
+    (json.dumps({"model": "demo", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**9}).encode(), 400),
+    (json.dumps({"model": "demo", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}).encode(), 400),
+    (json.dumps({"model": "demo", "messages": [{"role": "user", "content": "x"}], "temperature": 9}).encode(), 400),
+    (json.dumps({"model": "demo", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}).encode(), 400),
+    (json.dumps({"model": "demo", "messages": [{"role": "user", "content": "x " * 2000}]}).encode(), 400),
+    (json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}).encode(), 404),
+    (json.dumps({"model": "demo", "messages": "hello"}).encode(), 400),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(), 400),
+]
+
+
+def test_bad_input_is_a_4xx_openai_error(env):
+    root, store = env
+
+    async def go():
+        ctl, rep, c = await _start(root, store)
+        try:
+            for raw, status in BAD:
+                r = await c.post("/v1/chat/completions", content=raw,
+                                 headers={"content-type": "application/json"})
+                assert r.status_code == status, (raw[:80], r.status_code, r.text)
+                err = r.json()["error"]
+                assert set(err) == {"message", "type", "param", "code"} and err["message"]
+                assert "Traceback" not in r.text
+            r = await c.get("/v1/nope")
+            assert r.status_code == 404 and "error" in r.json()
+            r = await c.post("/v1/feedback", json={"id": "x", "rating": "meh"})
+            assert r.status_code == 400
+            assert (await c.get("/healthz")).status_code == 200  # still healthy
+        finally:
+            await c.aclose()
+            await rep.stop()
+            for s in list(rep.mgr.slots):
+                rep.mgr.release(s)
+
+    asyncio.run(go())
