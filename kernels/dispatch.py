@@ -8,15 +8,12 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import torch
 
 CHOICES = ("auto", "triton", "torch")
 
-# Modules that hold @triton.jit kernels (reloaded by `enable_interpreter`).
-KERNEL_MODULES = ("rms_norm", "rope", "activation", "kv_store", "decode_attention", "sampling")
 
 
 def backend() -> str:
@@ -34,21 +31,3 @@ def use_triton(x: torch.Tensor) -> bool:
     if choice == "triton":
         return True
     return x.is_cuda
-
-
-def enable_interpreter() -> None:
-    """Run every kernel through Triton's CPU interpreter (tests on machines without a GPU).
-
-    Triton reads TRITON_INTERPRET when `@triton.jit` *decorates* a function, i.e. when a
-    kernel module is imported, not at launch. Another test may have imported the kernels
-    first, so set the variable and re-import any module whose kernels were compiled for
-    a GPU. `importlib.reload` re-executes into the same module dict, so launchers that were
-    imported earlier see the new kernels too.
-    """
-    os.environ["TRITON_INTERPRET"] = "1"
-    from triton.runtime.jit import JITFunction
-
-    for name in KERNEL_MODULES:
-        mod = importlib.import_module(f"{__package__}.{name}")
-        if any(isinstance(v, JITFunction) for v in vars(mod).values()):
-            importlib.reload(mod)

@@ -3,6 +3,61 @@
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rope_rotate(src_ptr, dst_ptr, t, src_st, src_sh, dst_st, dst_sh, cos, sin, NH, HALF,
+                 BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    # rotate one token's [NH, D] heads, BLOCK_H at a time; cos/sin [1, BLOCK_HALF] fp32
+    d = tl.arange(0, BLOCK_HALF)[None, :]
+    for h0 in range(0, NH, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)[:, None]
+        mask = (h < NH) & (d < HALF)
+        src = src_ptr + t * src_st + h * src_sh + d
+        x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+        dst = dst_ptr + t * dst_st + h * dst_sh + d
+        tl.store(dst, (x1 * cos - x2 * sin).to(dst_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst + HALF, (x2 * cos + x1 * sin).to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, cache_ptr, q_st, q_sh, k_st, k_sh, qo_st, qo_sh, ko_st,
+                 ko_sh, cache_st, HQ, HK, HALF, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    # One program per token: read its cos/sin row once, rotate all q and k heads.
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t)
+    d = tl.arange(0, BLOCK_HALF)[None, :]
+    row = cache_ptr + pos * cache_st + d
+    cos = tl.load(row, mask=d < HALF, other=0.0).to(tl.float32)
+    sin = tl.load(row + HALF, mask=d < HALF, other=0.0).to(tl.float32)
+    _rope_rotate(q_ptr, qo_ptr, t, q_st, q_sh, qo_st, qo_sh, cos, sin, HQ, HALF, BLOCK_H, BLOCK_HALF)
+    _rope_rotate(k_ptr, ko_ptr, t, k_st, k_sh, ko_st, ko_sh, cos, sin, HK, HALF, BLOCK_H, BLOCK_HALF)
+
+
+def apply_rope_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor):
+    """Triton `apply_rope_ref`, q and k in one launch; out of place (q, k may be strided views)."""
+    if q.ndim != 3 or k.ndim != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"apply_rope: q must be [T, Hq, D] and k [T, Hk, D], got {tuple(q.shape)}, {tuple(k.shape)}")
+    t, hq, d = q.shape
+    if d % 2 or q.stride(-1) != 1 or k.stride(-1) != 1:
+        raise ValueError(f"apply_rope: D must be even with unit stride, got D={d}")
+    if cos_sin_cache.ndim != 2 or cos_sin_cache.shape[1] != d or cos_sin_cache.stride(-1) != 1:
+        raise ValueError(f"apply_rope: cos_sin_cache must be [max_pos, {d}], got {tuple(cos_sin_cache.shape)}")
+    if positions.shape != (t,):
+        raise ValueError(f"apply_rope: positions must be [{t}], got {tuple(positions.shape)}")
+    hk = k.shape[1]
+    qo, ko = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if t:
+        half = d // 2
+        block_half = triton.next_power_of_2(half)
+        block_h = max(1, min(triton.next_power_of_2(max(hq, hk)), 2048 // block_half))
+        _rope_kernel[(t,)](q, k, qo, ko, positions, cos_sin_cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                           qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1), cos_sin_cache.stride(0), hq, hk,
+                           half, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=4)
+    return qo, ko
 
 
 def build_cos_sin_cache(max_pos: int, head_dim: int, base: float = 10000.0, dtype: torch.dtype = torch.float32,
