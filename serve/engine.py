@@ -437,8 +437,12 @@ class Engine:
                             self._counts["finished"] += 1
                         seq.handle._push(tok, seq.finish_reason if seq.status is SeqStatus.FINISHED else None)
 
+    @torch.inference_mode()
     def _run(self, batch) -> tuple[list[int], list[bool]]:
-        """Forward + sample one step -> (token per sampling row, logits finite per row)."""
+        """Forward + sample one step -> (token per sampling row, logits finite per row).
+
+        Hooks run inside inference mode too, so `logits_hook` may edit the logits in place.
+        """
         if self.step_hook is not None:
             self.step_hook()
         logits = self.runner.forward(batch)                              # [R, V] fp32
