@@ -44,6 +44,7 @@ class Settings:
     admin_token_sha256: str | None = None
     max_inflight: int = 256              # per replica; more is a 429 with Retry-After
     report_interval_s: float = 0.1
+    manager: str | None = None           # "module:Class" of a slot manager (default slotserve.slots)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "Settings":
@@ -204,9 +205,14 @@ class Replica:
     # ------------------------------------------------------------ converging
 
     async def apply(self, d: DesiredState) -> None:
-        """Make the slots match `d`; then route by its weights. Idempotent."""
+        """Make the slots match `d`; route by its weights. Idempotent.
+
+        Routing changes first (restricted to slots that hold a bundle), then slot
+        operations, then routing again: a candidate is never released while new
+        requests are still being routed to it."""
         if self.error and self.error.get("version") == d.version:
             return
+        self._route(d)
         try:
             await self._reconcile(d)
             self.error = None
@@ -218,16 +224,24 @@ class Replica:
         self.desired = d
         if self.error is None:
             self.applied = d.version
-        self.handler.routing = Routing(
-            weights={s: w for s, w in d.weights.items() if w > 0} or {"live": 100.0},
-            salt=d.salt, sticky_key=None if d.sticky_key == "none" else d.sticky_key,
-            served_name=self.settings.served_name, shadow_fraction=d.mirror_fraction)
+        self._route(d)
         if d.safety is not None or self.safety is None:
             from slotserve.safety import SafetyFilter
             self.safety = SafetyFilter.from_config(d.safety)
         self.backend.prune()
+        if self.metrics is not None:
+            try:
+                self.metrics.slots(self.slot_state(), self.backend.views(), d.weights)
+            except Exception:
+                pass
         self._wake.set()
         await self.report()
+
+    def _route(self, d: DesiredState) -> None:
+        self.handler.routing = Routing(
+            weights={s: w for s, w in d.weights.items() if w > 0} or {"live": 100.0},
+            salt=d.salt, sticky_key=None if d.sticky_key == "none" else d.sticky_key,
+            served_name=self.settings.served_name, shadow_fraction=d.mirror_fraction)
 
     async def _reconcile(self, d: DesiredState) -> None:
         mgr = self.mgr
@@ -356,7 +370,12 @@ class Replica:
 def _make_manager(settings: Settings):
     from slotserve.bundles.store import Store
     from slotserve.memory import parse_size
-    from slotserve.slots import SlotManager
+    if settings.manager:
+        import importlib
+        mod, _, cls = settings.manager.partition(":")
+        SlotManager = getattr(importlib.import_module(mod), cls)
+    else:
+        from slotserve.slots import SlotManager
     budget = parse_size(settings.memory_budget) if settings.memory_budget not in (None, "") else None
     return SlotManager(Store(settings.store), device=settings.device, memory_budget_bytes=budget)
 
