@@ -128,6 +128,8 @@ class ControllerCore:
         self.rollout: ro.RolloutState | None = None
         self.rollout_spec: dict | None = None
         self.state = self._restore(bundle)
+        if self.rollout is not None:
+            self._reset_windows()
 
     # ------------------------------------------------------------ persistence
 
@@ -137,13 +139,11 @@ class ControllerCore:
             try:
                 saved = json.loads(self.state_path.read_text())
                 state = DesiredState.from_dict(saved["state"])
-                if saved.get("rollout_spec") and state.rollout_phase in ro.ACTIVE:
-                    # A rollout cannot resume mid-step after a restart (its windows are
-                    # gone); traffic goes back to live, the candidate stays staged.
-                    state = replace(state, weights={"live": 100.0}, mirror_fraction=0.0,
-                                    rollout_phase="aborted", reason="controller restarted mid-rollout")
-                    self._ledger("abort", state.candidate.ref if state.candidate else None,
-                                 reason="controller restarted during the rollout; traffic on live")
+                self.rollout_spec = saved.get("rollout_spec")
+                if saved.get("rollout"):
+                    # Resume where it was (wall-clock times); the windows start empty,
+                    # so the current step re-collects its samples before advancing.
+                    self.rollout = ro.RolloutState.from_dict(saved["rollout"])
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.warning("ignoring unreadable state %s: %s", self.state_path, exc)
                 state = DesiredState()
@@ -167,8 +167,9 @@ class ControllerCore:
     def _persist(self, state: DesiredState) -> None:
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_name(f".{self.state_path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({"state": state.to_dict(), "rollout_spec": self.rollout_spec},
-                                  indent=1, sort_keys=True))
+        tmp.write_text(json.dumps({"state": state.to_dict(), "rollout_spec": self.rollout_spec,
+                                   "rollout": self.rollout.to_dict() if self.rollout else None},
+                                  indent=1, sort_keys=True, default=str))
         os.replace(tmp, self.state_path)
         self._sync_aliases(state)
 
@@ -376,7 +377,7 @@ class ControllerCore:
         if self.rollout is None or self.rollout.phase != "pending_eval":
             return
         self.rollout, events = ro.on_eval(self.rollout, candidate_score, live_score, self.clock())
-        self._ledger("rollout_step", self.rollout.candidate, reason="eval gate",
+        self._ledger("eval", self.rollout.candidate, reason="eval gate",
                      metrics={"candidate.eval_score": candidate_score, "live.eval_score": live_score,
                               **detail})
         self._apply_events(events)

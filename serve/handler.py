@@ -425,7 +425,7 @@ class Handler:
                             f"{', '.join(names) if names else 'none (nothing loaded yet)'}",
                        param="model", code="model_not_found")
 
-    def route(self, key: str | None, views: Mapping[str, BundleView]) -> str:
+    def route(self, key: str | None, views: Mapping[str, BundleView], request_id: str | None = None) -> str:
         weights = {s: w for s, w in self.routing.weights.items() if w > 0 and s in views}
         if not weights:
             if "live" in views:
@@ -434,17 +434,15 @@ class Handler:
         if len(weights) == 1:
             return next(iter(weights))
         from slotserve.router import route
-        return route(key, weights, self.routing.salt)
+        return route(key, weights, self.routing.salt, request_id)
 
     def sticky_key(self, headers: Mapping[str, str], request) -> str | None:
         spec = self.routing.sticky_key
-        if not spec:
-            return getattr(request, "user", None)
-        if spec.startswith("header:"):
-            return headers.get(spec.split(":", 1)[1].lower())
-        if spec == "user":
-            return getattr(request, "user", None)
-        return None
+        if not spec or spec == "none":
+            return None
+        from slotserve.router import sticky_value
+        body = request.model_dump() if spec.startswith("body:") else None
+        return sticky_value(spec, headers, body)
 
     # -- preparing a request
 
@@ -489,6 +487,8 @@ class Handler:
     async def start(self, kind: str, req, headers: Mapping[str, str]) -> Run:
         key = self.sticky_key(headers, req)
         slot, pinned = self.resolve(req.model, key)
+        if not pinned and slot not in self.backend.views():
+            slot = "live"  # swapped away between routing and now (promote/revert)
         prep = self.prepare(kind, req, slot, pinned)
         try:
             run = await self._start(prep)
@@ -506,9 +506,10 @@ class Handler:
                 raise
             except Exception as exc2:
                 raise self.error_from(exc2, prep) from None
-        if not pinned and prep.slot == "live" and self.routing.shadow_fraction > 0 \
-                and self._rng.random() < self.routing.shadow_fraction:
-            self._spawn_shadow(kind, req, run)
+        if not pinned and prep.slot == "live" and self.routing.shadow_fraction > 0:
+            from slotserve.router import shadow_mirror
+            if shadow_mirror(key, self.routing.shadow_fraction, self.routing.salt, run.id):
+                self._spawn_shadow(kind, req, run)
         return run
 
     async def _start(self, prep: Prepared) -> Run:
