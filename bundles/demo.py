@@ -1,0 +1,139 @@
+"""Demo bundles: tiny random-init Llama / Qwen3 models with a locally trained tokenizer.
+
+Byte-identical for the same arch and seed (given the same torch, transformers and
+tokenizers versions) and built without network access: the tokenizer is a
+byte-level BPE trained on a corpus generated in code, the weights come from a seeded
+torch generator written in sorted order by safetensors, and every JSON file is
+written with sorted keys. The tokenizer does not depend on the seed, so demo
+bundles of one arch share their tokenizer blobs in the store.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from slotserve.bundles.manifest import BundleError, ModelSource
+
+ARCHS = ("llama", "qwen3")
+PAD, BOS, EOS, IM_START, IM_END = "<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, IM_START, IM_END)  # ids 0..4, in this order
+VOCAB_SIZE = 512
+CONTEXT = 512
+# ChatML-style turns; generation stops at <|im_end|> (listed in generation_config eos ids).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+SYSTEM_PROMPT = "You are a tiny demo model with random weights. Your replies are noise, but they are fast.\n"
+_DIMS = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=128, head_dim=16)
+
+
+def build_tokenizer():
+    """A byte-level BPE (vocab 512) trained on `tokenizer_corpus`; round-trips any text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from slotserve.bundles.tokenizer_corpus import corpus_lines
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus_lines(), trainer=trainer)
+    assert tok.get_vocab_size() == VOCAB_SIZE and tok.token_to_id(PAD) == 0
+    return tok
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _config(arch: str, ids: dict[str, int]):
+    from transformers import LlamaConfig, Qwen3Config
+
+    common = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=CONTEXT, tie_word_embeddings=False,
+                  bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD], dtype="float32", **_DIMS)
+    if arch == "llama":
+        return LlamaConfig(architectures=["LlamaForCausalLM"], **common)
+    return Qwen3Config(architectures=["Qwen3ForCausalLM"], **common)
+
+
+def _weights(arch: str, seed: int) -> dict:
+    """State dict in the Hugging Face naming; N(0, 0.02) matrices, unit norm weights."""
+    import torch
+
+    h, nl, hq, hk, inter, d = (_DIMS[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                   "num_key_value_heads", "intermediate_size", "head_dim"))
+    shapes = {"model.embed_tokens.weight": (VOCAB_SIZE, h), "model.norm.weight": (h,), "lm_head.weight": (VOCAB_SIZE, h)}
+    for i in range(nl):
+        p = f"model.layers.{i}."
+        shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                   p + "self_attn.q_proj.weight": (hq * d, h), p + "self_attn.k_proj.weight": (hk * d, h),
+                   p + "self_attn.v_proj.weight": (hk * d, h), p + "self_attn.o_proj.weight": (h, hq * d),
+                   p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+                   p + "mlp.down_proj.weight": (h, inter)}
+        if arch == "qwen3":  # per-head RMSNorm on q and k
+            shapes |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in sorted(shapes):  # fixed draw order, independent of dict insertion
+        shape = shapes[name]
+        out[name] = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=gen) * 0.02
+    return out
+
+
+def build_demo_model(arch: str, seed: int, out: str | Path) -> Path:
+    """Write a tiny HF-style model dir (config, safetensors, tokenizer, chat template,
+    prompt/system.txt) to `out`; returns `out`. Existing files of the same names are
+    overwritten."""
+    if arch not in ARCHS:
+        raise BundleError(f"unknown demo arch {arch!r}; valid: {', '.join(ARCHS)}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise BundleError(f"invalid seed {seed!r}: use an integer >= 0")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"{out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    tok = build_tokenizer()
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    tok.save(str(out / "tokenizer.json"), pretty=True)
+    _write_json(out / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+        "additional_special_tokens": [IM_START, IM_END], "chat_template": CHAT_TEMPLATE,
+        "model_max_length": CONTEXT, "clean_up_tokenization_spaces": False,
+    })
+    _write_json(out / "special_tokens_map.json", {
+        "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "additional_special_tokens": [IM_START, IM_END]})
+    # transformers' own serialisation (what save_pretrained writes): sorted keys, deterministic
+    (out / "config.json").write_text(_config(arch, ids).to_json_string(), encoding="utf-8")
+    (out / "generation_config.json").write_text(GenerationConfig(
+        bos_token_id=ids[BOS], eos_token_id=[ids[EOS], ids[IM_END]], pad_token_id=ids[PAD]).to_json_string(),
+        encoding="utf-8")
+    save_file(_weights(arch, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "prompt").mkdir(exist_ok=True)
+    (out / "prompt" / "system.txt").write_text(SYSTEM_PROMPT, encoding="utf-8")
+    return out
+
+
+def demo_source(arch: str, seed: int) -> ModelSource:
+    return ModelSource("demo", f"{arch}/seed={seed}")
+
+
+def publish_demo(store, name: str = "demo", arch: str = "llama", seed: int = 0, actor: str | None = None,
+                 reason: str = "demo bundle"):
+    """Build a demo model in a temp dir and publish it (a no-op if already published)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="slotserve-demo-") as tmp:
+        build_demo_model(arch, seed, tmp)
+        return store.publish(tmp, name, actor=actor, reason=reason, source=demo_source(arch, seed),
+                             data_version=f"demo:{arch}:seed={seed}")
