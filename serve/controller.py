@@ -243,6 +243,8 @@ class ControllerCore:
             self._oom(None, ev)
 
     def _oom(self, outcome: RequestOutcome | None, detail: dict | None = None) -> None:
+        if (detail or {}).get("phase") == "load":
+            return  # a failed load: the replica reports the error, _converge reverts it
         if self.rollout is not None and self.rollout.active:
             self.rollout, events = ro.on_oom(self.rollout, self.clock(), detail or {})
             self._apply_events(events)

@@ -25,7 +25,7 @@ import asyncio
 import json
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Mapping, Protocol
 
@@ -533,6 +533,14 @@ class Handler:
                                       time.perf_counter() - t0, None, len(prep.prompt_ids), 0,
                                       error=str(exc), error_kind=type(exc).__name__))
             raise
+        actual = getattr(handle, "slot", None)  # the slot manager retried elsewhere (candidate OOM)
+        if actual is not None and getattr(actual, "digest", prep.view.digest) != prep.view.digest \
+                and hasattr(self.backend, "view_of"):
+            self._observe(Outcome(prep.slot, prep.view, prep.kind, False, time.perf_counter() - t0,
+                                  None, len(prep.prompt_ids), 0,
+                                  error=f"out of memory on {prep.view.ref}; answered by {actual.name}",
+                                  error_kind="OutOfMemoryError"))
+            prep = replace(prep, slot=actual.name, view=self.backend.view_of(actual))
         stream = TextStream(prep.view.tokenizer, prep.request.stop_list())
         run = Run(self, prep, _Resume(it, handle), stream, first, done, t0,
                   time.perf_counter() - t0)

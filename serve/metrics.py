@@ -74,7 +74,7 @@ class Metrics:
             tags = {"bundle": view.ref, "slot": slot}
             info = _slot_info(slot_state, slot)
             tier = str(info.get("tier", "device"))
-            for kind, key in (("held", "bytes_held"), ("shared", "bytes_shared")):
+            for kind, key in (("held", "held_bytes"), ("shared", "shared_bytes")):
                 v = info.get(key)
                 if isinstance(v, (int, float)):
                     self.memory.set(v, {**tags, "tier": tier, "kind": kind})
@@ -105,6 +105,6 @@ def gpu_bytes_by_slot(slot_state: dict) -> dict[str, int]:
     out = {}
     for slot in ("live", "previous", "candidate"):
         info = _slot_info(slot_state, slot)
-        if info.get("tier", "device") in ("device", "gpu", "cuda") and isinstance(info.get("bytes_held"), int):
-            out[slot] = info["bytes_held"]
+        if info.get("tier", "device") in ("device", "gpu", "cuda") and isinstance(info.get("held_bytes"), int):
+            out[slot] = info["held_bytes"]
     return out

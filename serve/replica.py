@@ -132,7 +132,9 @@ class Replica:
         self.id = replica_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.node = socket.gethostname()
         if mgr is None:
-            mgr = _make_manager(settings)
+            mgr = _make_manager(settings, on_oom=self._on_oom)
+        elif hasattr(mgr, "on_oom"):
+            mgr.on_oom = self._on_oom
         self.mgr = mgr
         self.backend = SlotsBackend(mgr)
         self.metrics = metrics
@@ -145,12 +147,14 @@ class Replica:
         self._tasks: list[asyncio.Task] = []
         self._wake = asyncio.Event()
         self._stopped = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.safety = None
 
     # ------------------------------------------------------------ life cycle
 
     async def start(self) -> None:
         """Fetch the desired state and load live + previous before taking traffic."""
+        self._loop = asyncio.get_running_loop()
         await self.controller.call("report", self.id, self.status(), [])
         state = DesiredState.from_dict(await self.controller.call("watch", -1, 0.0))
         await self.apply(state)
@@ -245,20 +249,27 @@ class Replica:
 
     async def _reconcile(self, d: DesiredState) -> None:
         mgr = self.mgr
-        cur = self.backend.digests()
         want = {s: (d.slot(s).digest if d.slot(s) else None) for s in SLOTS}
+        cur = self.backend.digests()
         if want == {s: cur.get(s) for s in SLOTS}:
             return
         # O(1) swaps first: promote (candidate -> live, live -> previous) ...
-        if want["live"] and want["live"] == cur.get("candidate") and want["previous"] == cur.get("live"):
+        if want["live"] and want["live"] == cur.get("candidate"):
+            mgr.promote()
+        # ... and rollback (previous <-> live).
+        elif want["live"] and want["live"] == cur.get("previous"):
+            mgr.rollback(d.reason or "rollback")
+        cur = self.backend.digests()
+        # A new live that is in no slot (e.g. `serve --bundle` changed it): stage it as the
+        # candidate and promote, so live never goes empty while it loads.
+        if want["live"] and cur.get("live") and cur["live"] != want["live"]:
+            if cur.get("candidate"):
+                mgr.release("candidate")
+            await self._load(d.live, "candidate", d)
             mgr.promote()
             cur = self.backend.digests()
-        # ... and rollback (previous -> live, live -> previous).
-        elif want["live"] and want["live"] == cur.get("previous") and cur.get("live"):
-            mgr.rollback(d.reason or "rollback")
-            cur = self.backend.digests()
         # Release what is no longer wanted (candidate first: it is what a revert drops).
-        for s in ("candidate", "previous"):
+        for s in ("candidate", "previous", "live"):
             if cur.get(s) and cur.get(s) != want[s]:
                 mgr.release(s)
         cur = self.backend.digests()
@@ -266,13 +277,16 @@ class Replica:
         for s in ("live", "previous", "candidate"):
             ref = d.slot(s)
             if ref is not None and cur.get(s) != ref.digest:
-                self.loading = f"{s}: {ref.ref}"
-                await self.report()
-                kw = {"evict_previous": True} if s == "candidate" and d.evict_previous else {}
-                await asyncio.to_thread(mgr.load, ref.ref, s, **kw)
-                got = self.backend.digests().get(s)
-                if got != ref.digest:
-                    raise RuntimeError(f"slot {s} holds {got} after loading {ref.ref} ({ref.digest})")
+                await self._load(ref, s, d)
+
+    async def _load(self, ref, slot: str, d: DesiredState) -> None:
+        self.loading = f"{slot}: {ref.ref}"
+        await self.report()
+        kw = {"evict_previous": True} if slot == "candidate" and d.evict_previous else {}
+        await asyncio.to_thread(self.mgr.load, ref.ref, slot, **kw)
+        got = self.backend.digests().get(slot)
+        if got != ref.digest:
+            raise RuntimeError(f"slot {slot} holds {got} after loading {ref.ref} ({ref.digest})")
 
     # ------------------------------------------------------------ health and status
 
@@ -355,6 +369,25 @@ class Replica:
                 "detail": {"items": len(items), "candidate.passed": cand.passed,
                            "live.passed": live.passed}}
 
+    def _on_oom(self, ev) -> None:
+        """The slot manager released a candidate after out of memory: tell the controller
+        now (it reverts traffic everywhere and records the figures in the ledger)."""
+        self._push({"kind": "oom", "released": ev.slot == "candidate", **_jsonable(ev)})
+        self._poke()
+
+    def _poke(self) -> None:
+        """Wake the report loop; safe from the loader thread too."""
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            if asyncio.get_running_loop() is loop:
+                self._wake.set()
+                return
+        except RuntimeError:
+            pass
+        loop.call_soon_threadsafe(self._wake.set)
+
     def feedback(self, slot: str | None, view: BundleView, positive: bool) -> None:
         self._push({"kind": "feedback", "slot": slot, "bundle": view.ref, "positive": positive})
 
@@ -367,7 +400,7 @@ class Replica:
             del self.outbox[: len(self.outbox) - MAX_OUTBOX]
 
 
-def _make_manager(settings: Settings):
+def _make_manager(settings: Settings, on_oom=None):
     from slotserve.bundles.store import Store
     from slotserve.memory import parse_size
     if settings.manager:
@@ -377,7 +410,8 @@ def _make_manager(settings: Settings):
     else:
         from slotserve.slots import SlotManager
     budget = parse_size(settings.memory_budget) if settings.memory_budget not in (None, "") else None
-    return SlotManager(Store(settings.store), device=settings.device, memory_budget_bytes=budget)
+    return SlotManager(Store(settings.store), device=settings.device, memory_budget_bytes=budget,
+                       on_oom=on_oom)
 
 
 def _jsonable(x: Any):

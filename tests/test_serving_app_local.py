@@ -1,15 +1,10 @@
-"""The whole HTTP surface in one process, no Ray: app + replica + controller + real engines.
-
-A minimal in-test slot manager keeps this file independent of slotserve.slots; the
-Ray tests (test_serving_ray.py) run the real one.
-"""
+"""The whole HTTP surface in one process, no Ray: app + replica + controller + slot manager
++ real engines on the tiny demo bundles (httpx's ASGI transport instead of a socket)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
-
 import httpx
 import pytest
 
@@ -24,55 +19,6 @@ TOKEN = "test-token-123"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 
-@dataclass
-class _Slot:
-    name: str
-    bundle: object
-    engine: object
-    tokenizer: object = None
-    tier: str = "device"
-
-
-class MiniSlots:
-    """live/previous/candidate with real engines; swaps are pointer moves."""
-
-    def __init__(self, store):
-        self.store, self.slots = store, {}
-
-    def get(self, name):
-        return self.slots.get(name)
-
-    def load(self, ref, slot="candidate", evict_previous=False):
-        from slotserve.engine import Engine
-        b = self.store.open(ref)
-        old = self.slots.get(slot)
-        self.slots[slot] = _Slot(slot, b, Engine.from_pretrained(b.path))
-        if old:
-            old.engine.close()
-
-    def promote(self):
-        old_prev = self.slots.pop("previous", None)
-        if "live" in self.slots:
-            self.slots["previous"] = self.slots.pop("live")
-        self.slots["live"] = self.slots.pop("candidate")
-        if old_prev:
-            old_prev.engine.close()
-
-    def rollback(self, reason=""):
-        self.slots["live"], self.slots["previous"] = self.slots["previous"], self.slots["live"]
-
-    def release(self, slot):
-        s = self.slots.pop(slot, None)
-        if s:
-            s.engine.close()
-
-    def state(self):
-        return {n: {"bundle": s.bundle.manifest.ref, "tier": s.tier} for n, s in self.slots.items()}
-
-    async def generate(self, slot, prompt_ids, params):
-        return self.slots[slot].engine.submit(prompt_ids, params)
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("store")
@@ -85,7 +31,7 @@ def env(tmp_path_factory):
 async def _start(root, store):
     ctl = SlotController(str(root), app="local", bundle="demo:1")
     settings = Settings(store=str(root), app="local", admin_token_sha256=digest(TOKEN))
-    rep = Replica(settings, LocalController(ctl), mgr=MiniSlots(store), replica_id="r1")
+    rep = Replica(settings, LocalController(ctl), replica_id="r1")
     await rep.start()
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(rep)),
                                base_url="http://test", timeout=60)
@@ -146,8 +92,7 @@ def test_end_to_end_local(env):
         finally:
             await c.aclose()
             await rep.stop()
-            for s in list(rep.mgr.slots):
-                rep.mgr.release(s)
+            rep.mgr.close()
 
     asyncio.run(go())
 
@@ -190,7 +135,6 @@ def test_bad_input_is_a_4xx_openai_error(env):
         finally:
             await c.aclose()
             await rep.stop()
-            for s in list(rep.mgr.slots):
-                rep.mgr.release(s)
+            rep.mgr.close()
 
     asyncio.run(go())
