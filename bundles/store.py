@@ -157,11 +157,11 @@ class Store:
     def __init__(self, root: str | Path | None = None, *, create: bool = True):
         self.root = Path(root).expanduser() if root is not None else default_root()
         db = self.root / "registry.db"
+        if self.root.exists() and not self.root.is_dir():
+            raise BundleError(f"store root {self.root} is not a directory; --store / $SLOTSERVE_HOME must name a directory")
         if not create and not db.exists():
             raise BundleError(f"no bundle store at {self.root}: publish a bundle first, or point --store "
                               "(or $SLOTSERVE_HOME) at an existing store")
-        if self.root.exists() and not self.root.is_dir():
-            raise BundleError(f"store root {self.root} is not a directory; --store / $SLOTSERVE_HOME must name a directory")
         try:
             for sub in ("blobs/sha256", "bundles", "tmp"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
