@@ -54,7 +54,17 @@ class Faults:
             raise ValueError(f"faults.nan_logits must be true or false, got {self.nan_logits!r}")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "Faults":
+    def from_dict(cls, d: Mapping[str, Any] | list | None) -> "Faults":
+        if isinstance(d, list):  # serving.json may list faults one per object: merge them
+            merged: dict = {}
+            for item in d:
+                if not isinstance(item, Mapping) or set(item) & set(merged):
+                    raise ValueError(f"faults list must hold objects with distinct keys from "
+                                     f"{list(FAULT_KEYS)}, got {d!r}")
+                merged.update(item)
+            d = merged
+        if d is not None and not isinstance(d, Mapping):
+            raise ValueError(f"faults must be an object with keys {list(FAULT_KEYS)}, got {d!r}")
         d = dict(d or {})
         unknown = sorted(set(d) - set(FAULT_KEYS))
         if unknown:

@@ -30,6 +30,7 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 # tiny bundles still leave room for a prefill, and a fraction so big ones scale.
 HEADROOM_MIN_BYTES = 16 << 20
 HEADROOM_FRACTION = 0.10
+KV_BLOCK_SIZE = 16  # the engine's default paged-KV block; pools are whole blocks
 
 _UNITS = {"": 1, "b": 1,
           "k": 1 << 10, "kib": 1 << 10, "kb": 10**3,
@@ -147,16 +148,22 @@ def safetensors_tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items()}
 
 
-def _serving_dtype_bytes(serving: dict, config: dict, file_dtype_bytes: int | None) -> int | None:
+def serving_dtype_bytes(serving: dict, config: dict, device: str = "cpu") -> int:
+    """Bytes per float element as the engine will hold them (mirrors Engine's dtype rule:
+    "auto" is float32 on CPU; on CUDA the config's fp16/bf16, else bf16)."""
     name = serving.get("dtype", "auto")
     if name in (None, "auto"):
-        name = config.get("torch_dtype") or config.get("dtype")
-    return _DTYPE_BYTES.get(str(name).replace("torch.", "")) or file_dtype_bytes
+        if not str(device).startswith("cuda"):
+            return 4
+        return 2  # the config's float16/bfloat16, or bfloat16: 2 bytes either way
+    if name not in _DTYPE_BYTES:
+        raise ValueError(f"serving.json dtype {name!r}: valid are auto, {', '.join(_DTYPE_BYTES)}")
+    return _DTYPE_BYTES[name]
 
 
-def estimate(bundle, *, shared: Callable[[str, str], bool] | None = None,
+def estimate(bundle, *, device: str = "cpu", shared: Callable[[str, str], bool] | None = None,
              headroom_bytes: int | None = None) -> LoadEstimate:
-    """Bytes a bundle will cost: weights at the serving dtype, KV pool, headroom.
+    """Bytes a bundle will cost on `device`: weights at the serving dtype, KV pool, headroom.
 
     `bundle` is an OpenedBundle (anything with `.path`). `shared(file, tensor)` says
     whether that tensor is already resident in the tensor pool; those bytes are
@@ -167,42 +174,50 @@ def estimate(bundle, *, shared: Callable[[str, str], bool] | None = None,
     config = json.loads((model / "config.json").read_text())
     serving_path = root / "serving.json"
     serving = json.loads(serving_path.read_text()) if serving_path.exists() else {}
+    float_bytes = serving_dtype_bytes(serving, config, device)
     new = shared_total = 0
-    file_bytes = None
     for st in sorted(model.glob("*.safetensors")):
         for name, (tag, shape) in safetensors_tensors(st).items():
             numel = 1
             for d in shape:
                 numel *= d
-            file_bytes = _ST_DTYPE_BYTES.get(tag, 4)
             # Floating tensors are cast to the serving dtype; ints keep theirs.
-            per = (_serving_dtype_bytes(serving, config, file_bytes)
-                   if tag in ("F64", "F32", "F16", "BF16") else file_bytes)
-            nbytes = numel * per
+            per = float_bytes if tag in ("F64", "F32", "F16", "BF16") else _ST_DTYPE_BYTES.get(tag, 4)
             if shared is not None and shared(st.name, name):
-                shared_total += nbytes
+                shared_total += numel * per
             else:
-                new += nbytes
-    kv = kv_bytes(config, serving, _serving_dtype_bytes(serving, config, file_bytes) or 4)
+                new += numel * per
+    kv = kv_tokens(config, serving, device) * kv_bytes_per_token(config, float_bytes)
     if headroom_bytes is None:
         headroom_bytes = max(HEADROOM_MIN_BYTES, int(HEADROOM_FRACTION * (new + shared_total + kv)))
     return LoadEstimate(new, kv, headroom_bytes, shared_total)
 
 
-def kv_bytes(config: dict, serving: dict, dtype_bytes: int) -> int:
-    """kv_cache_tokens × layers × 2 (K and V) × kv_heads × head_dim × dtype size."""
-    if serving.get("kv_cache_bytes"):
-        return int(serving["kv_cache_bytes"])
+def kv_bytes_per_token(config: dict, dtype_bytes: int) -> int:
+    """layers × 2 (K and V) × kv_heads × head_dim × dtype size."""
     text = config.get("text_config", config)  # multimodal configs nest the LM
-    layers = text["num_hidden_layers"]
     heads = text["num_attention_heads"]
     kv_heads = text.get("num_key_value_heads") or heads
     head_dim = text.get("head_dim") or text["hidden_size"] // heads
-    tokens = serving.get("kv_cache_tokens")
-    if not tokens:  # the engine's fallback: every batch slot at full context
-        tokens = int(serving.get("max_batch", 8)) * int(
+    return text["num_hidden_layers"] * 2 * kv_heads * head_dim * dtype_bytes
+
+
+def kv_tokens(config: dict, serving: dict, device: str = "cpu", block_size: int = KV_BLOCK_SIZE) -> int:
+    """KV pool size in tokens from serving.json, rounded up to whole blocks like the engine.
+
+    kv_cache_bytes is converted at the serving dtype; with neither key (never the case
+    for a published bundle, whose defaults are filled in) every batch row at full context.
+    """
+    text = config.get("text_config", config)
+    if serving.get("kv_cache_tokens"):
+        tokens = int(serving["kv_cache_tokens"])
+    elif serving.get("kv_cache_bytes"):
+        per = kv_bytes_per_token(config, serving_dtype_bytes(serving, config, device))
+        tokens = max(1, int(serving["kv_cache_bytes"]) // per)
+    else:
+        tokens = int(serving.get("max_batch", 16)) * int(
             serving.get("max_model_len") or text.get("max_position_embeddings", 2048))
-    return int(tokens) * layers * 2 * kv_heads * head_dim * dtype_bytes
+    return -(-tokens // block_size) * block_size
 
 
 def device_memory(device: str, budget_bytes: int | None = None) -> DeviceMemory:

@@ -78,3 +78,11 @@ def test_nan_logits_installed_on_engine():
     assert e.logits_hook is None
     FaultInjector(Faults(nan_logits=True)).install(e)
     assert torch.isnan(e.logits_hook(torch.zeros(2, 5))).all()
+
+
+def test_list_form_merges_and_refuses_duplicates():
+    assert Faults.from_dict([{"latency_ms": 1}, {"error_rate": 0.5}]) == Faults(latency_ms=1, error_rate=0.5)
+    with pytest.raises(ValueError, match="distinct"):
+        Faults.from_dict([{"latency_ms": 1}, {"latency_ms": 2}])
+    with pytest.raises(ValueError, match="object"):
+        Faults.from_dict("slow")

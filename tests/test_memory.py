@@ -96,14 +96,17 @@ def test_estimate_weights_kv_and_shared(tmp_path):
     e = estimate(b, headroom_bytes=0)
     # floats cast to fp16 (352 elems * 2), int64 kept (4 * 8)
     assert e.weight_bytes == 352 * 2 + 32 and e.shared_bytes == 0
-    # tokens × layers × 2 × kv_heads × head_dim(32/4) × 2 bytes
-    assert e.kv_bytes == 100 * 2 * 2 * 2 * 8 * 2
+    # tokens (100 rounded up to 16-token blocks) × layers × 2 × kv_heads × head_dim(32/4) × 2 B
+    assert e.kv_bytes == 112 * 2 * 2 * 2 * 8 * 2
     s = estimate(b, shared=lambda f, t: t == "a", headroom_bytes=0)
     assert s.shared_bytes == 320 * 2 and s.weight_bytes == e.weight_bytes - 640
     assert estimate(b).headroom_bytes >= 16 << 20
 
 
 def test_estimate_auto_dtype_and_kv_bytes(tmp_path):
-    b = _bundle(tmp_path, {"dtype": "auto", "kv_cache_bytes": 4096})
-    e = estimate(b, headroom_bytes=0)
-    assert e.weight_bytes == 352 * 4 + 32 and e.kv_bytes == 4096
+    b = _bundle(tmp_path, {"dtype": "auto", "kv_cache_bytes": 4096 * 16})
+    e = estimate(b, headroom_bytes=0)  # auto on CPU is float32, like the engine
+    assert e.weight_bytes == 352 * 4 + 32
+    assert e.kv_bytes == 4096 * 16  # 256 B/token × 256 tokens (already whole blocks)
+    # on CUDA auto means 16-bit floats
+    assert estimate(b, device="cuda", headroom_bytes=0).weight_bytes == 352 * 2 + 32

@@ -1,0 +1,68 @@
+"""Building a slot's engine and tokenizer off the serving path.
+
+A candidate loads while live serves, on the same CPU cores (2 on the dev box) and the
+same Python process. Two things keep live's latency flat while it happens:
+* the work runs in a fresh thread whose OS priority is lowered (`nice`), so when both
+  want a core the live engine's step thread wins. Linux applies setpriority() to a
+  single thread when given its native id, and threads it starts (torch's OpenMP
+  workers for this caller) inherit it. A fresh thread is used because an unprivileged
+  process cannot raise a thread's priority back: a pooled thread would stay slow;
+* the tokenizer is loaded with `trust_remote_code=False`, and the engine reads only
+  safetensors (never pickle).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Callable, TypeVar
+
+log = logging.getLogger("slotserve.slots")
+T = TypeVar("T")
+
+
+def run_in_loader_thread(fn: Callable[[], T], nice: int = 10) -> T:
+    """Run `fn` in a new low-priority thread; block until it returns; re-raise its error."""
+    box: dict = {}
+
+    def target():
+        if nice > 0:
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+            except (OSError, AttributeError) as exc:  # not Linux, or forbidden: just slower
+                log.debug("could not lower loader priority: %s", exc)
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+
+    t = threading.Thread(target=target, name="slotserve-loader", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def load_engine(bundle_path: Path, device, pool, kv_cache_tokens: int):
+    """The bundle's engine on `device`, its weights through the shared tensor pool.
+
+    kv_cache_tokens comes from the planner (serving.json rounded to blocks), so the
+    engine allocates exactly what was planned."""
+    from slotserve.engine import Engine
+
+    return Engine.from_pretrained(bundle_path, device=str(device), tensor_pool=pool,
+                                  kv_cache_tokens=kv_cache_tokens)
+
+
+def load_tokenizer(bundle):
+    """The bundle's own tokenizer (tokenizer/ dir); never runs code from the bundle."""
+    tdir = Path(bundle.path) / "tokenizer"
+    if not (tdir / "tokenizer.json").exists() and not (tdir / "tokenizer_config.json").exists():
+        log.warning("%s has no tokenizer/ directory; serving token ids only", bundle.path)
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tdir), trust_remote_code=False)

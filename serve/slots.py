@@ -1,0 +1,450 @@
+"""`SlotManager`: the live / previous / candidate slots of one replica on one device.
+
+    mgr = SlotManager(store, device="cpu", memory_budget_bytes=parse_size("1GiB"))
+    mgr.load("support-bot:2")              # candidate, while live keeps serving
+    mgr.promote()                          # live -> previous, candidate -> live
+    mgr.rollback("p99 breach")             # previous <-> live: a pointer swap
+    req = await mgr.generate("live", ids, SamplingParams(max_tokens=16))
+    async for tok in req: ...
+
+Two locks, so that rollback stays O(1) whatever else is happening:
+* `_lock` (routing) guards only the name -> Slot table; it is held for a dict update,
+  never for I/O. `generate`, `promote`, `rollback`, `release` take it briefly.
+* `_mem_lock` serializes whatever changes device memory — loads, parks, unparks — so
+  the planner always sees a consistent picture. A load holds it for its whole duration
+  (seconds for big bundles) but never holds `_lock` meanwhile.
+
+Rollback swaps previous and live, so the old live becomes previous: rolling back twice
+is a roll-forward. Promote drops the old previous (released once its requests finish).
+Nothing here writes the ledger: the replica reports (load results, `on_oom` events) to
+the controller, which owns the ledger, so N replicas do not write N entries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from typing import Callable
+
+import torch
+
+from slotserve.faults import FaultInjector, Faults
+from slotserve.memory import MemoryPlanError, device_memory, estimate, kv_tokens, plan
+from slotserve.slot import Slot, SlotRequest, SlotUnavailable
+from slotserve.slot_state import OOMEvent, Overloaded, SlotError, SlotInfo, SlotsState, Swap, account
+from slotserve.slot_loader import load_engine, load_tokenizer, run_in_loader_thread
+from slotserve import tiers
+
+log = logging.getLogger("slotserve.slots")
+
+SLOT_NAMES = ("live", "previous", "candidate")
+__all__ = ["SlotManager", "Slot", "SlotRequest", "SlotsState", "SlotInfo", "OOMEvent", "Overloaded",
+           "SlotError", "SlotUnavailable", "Swap", "MemoryPlanError", "SLOT_NAMES"]
+
+
+class SlotManager:
+    def __init__(self, store, device: str = "cpu", memory_budget_bytes: int | None = None, *,
+                 headroom_bytes: int | None = None, on_oom: Callable[[OOMEvent], None] | None = None,
+                 retry_after_s: float = 1.0, park_when_full: bool | None = None, loader_nice: int = 10):
+        self.store = store
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        self.device = dev
+        self.budget_bytes = memory_budget_bytes
+        self.headroom_bytes = headroom_bytes
+        self.on_oom = on_oom                  # called with an OOMEvent; must not block long
+        self.retry_after_s = retry_after_s    # what a 429 tells clients when live is out of memory
+        # Parking previous frees device memory only where host memory is separate.
+        self.park_when_full = (dev.type == "cuda") if park_when_full is None else park_when_full
+        self.loader_nice = loader_nice        # loads run at lower CPU priority than serving
+        from slotserve.weights import TensorPool
+
+        self.pool = TensorPool()              # identical tensors shared between slots
+        self._slots: dict[str, Slot] = {}
+        self._draining: list[Slot] = []       # released, still finishing requests
+        self._lock = threading.Lock()
+        self._mem_lock = threading.RLock()
+        self._seq = itertools.count()
+        self.events: list[OOMEvent] = []      # recent OOM events (state / debugging)
+
+    # ------------------------------------------------------------------ lookup
+    def get(self, name: str) -> Slot | None:
+        _check_name(name)
+        with self._lock:
+            return self._slots.get(name)
+
+    def slot(self, name: str) -> Slot:
+        s = self.get(name)
+        if s is None:
+            raise SlotError(f"slot {name!r} is empty; occupied slots: {self._occupied() or 'none'}")
+        return s
+
+    def _occupied(self) -> str:
+        with self._lock:
+            return ", ".join(f"{n}={s.ref}" for n, s in self._slots.items())
+
+    # ------------------------------------------------------------------ loading
+    def load(self, ref: str, slot: str = "candidate", evict_previous: bool = False) -> Slot:
+        """Open, verify, plan memory, build the engine and tokenizer, then place the slot.
+
+        Live keeps serving meanwhile: the heavy work runs in a lower-priority loader
+        thread and the routing lock is taken only to place the result. Refuses with
+        MemoryPlanError (numbers in the message) rather than squeezing live/previous;
+        `evict_previous=True` releases previous first. Blocks the caller until done.
+        """
+        _check_name(slot)
+        with self._mem_lock:
+            if self.get(slot) is not None:
+                raise SlotError(f"slot {slot} already holds {self.get(slot).ref}; release it first "
+                                f"(or promote/rollback), then load")
+            t0 = time.perf_counter()
+            bundle = self.store.open(ref)
+            faults = Faults.from_serving(bundle.serving)   # refuse bad drills before any memory
+            if evict_previous and slot != "previous":
+                self.release("previous")
+            need = estimate(bundle, device=str(self.device), shared=self._shared_fn(bundle),
+                            headroom_bytes=self.headroom_bytes)
+            try:
+                plan(need, self.device_memory(), self._held())
+            except MemoryPlanError:
+                prev = self.get("previous")
+                if not (self.park_when_full and slot != "previous" and prev and prev.tier == "device"):
+                    raise
+                log.warning("%s does not fit beside previous %s: parking previous in host memory",
+                            bundle.ref, prev.ref)
+                self.park("previous")
+                # previous's pool claims are gone: what was shared with it is not any more
+                need = estimate(bundle, device=str(self.device), shared=self._shared_fn(bundle),
+                                headroom_bytes=self.headroom_bytes)
+                plan(need, self.device_memory(), self._held())
+            injector = FaultInjector(faults, bundle.digest)
+            cfg, serving = _json(bundle.path / "model" / "config.json"), bundle.serving
+            try:
+                def build():
+                    injector.on_load()  # faults.oom_after == 0 drills an OOM right here
+                    eng = load_engine(bundle.path, self.device, self.pool,
+                                      kv_tokens(cfg, serving, str(self.device)))
+                    try:
+                        return eng, load_tokenizer(bundle)
+                    except BaseException:
+                        eng.close()
+                        raise
+                engine, tokenizer = run_in_loader_thread(build, self.loader_nice)
+            except torch.OutOfMemoryError as exc:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                ev = self._oom_event(slot, bundle.ref, bundle.digest, "load", exc)
+                self._fire(ev)
+                raise MemoryPlanError(
+                    f"loading {bundle.ref} into {slot} ran out of memory on {self.device} although "
+                    f"the plan fit ({need.total_bytes} B needed, {ev.free_bytes} B free now; held: "
+                    f"{ev.held}): {exc}", needed=need.total_bytes, free=ev.free_bytes,
+                    held=ev.held) from exc
+            injector.install(engine)
+            s = Slot(slot, bundle, engine, tokenizer, faults=faults, injector=injector,
+                     seq=next(self._seq), load_s=time.perf_counter() - t0)
+            with self._lock:
+                self._slots[slot] = s
+            log.info("loaded %s into %s in %.2fs (%s path)", s.ref, slot, s.load_s, engine.path)
+            return s
+
+    async def load_async(self, ref: str, slot: str = "candidate", evict_previous: bool = False) -> Slot:
+        return await asyncio.to_thread(self.load, ref, slot, evict_previous)
+
+    def _shared_fn(self, bundle):
+        """Which of `bundle`'s tensors the pool already holds: same weight file, config and
+        dtype as a resident lean slot (the pool's own key is the file sha256 + dtype)."""
+        files = bundle.manifest.files
+        serving_dtype = bundle.serving.get("dtype")
+        resident = set()
+        with self._lock:
+            slots = list(self._slots.values()) + list(self._draining)
+        for s in slots:
+            if s.engine.path != "lean" or s.tier != "device":
+                continue
+            other = s.bundle.manifest.files
+            if other.get("model/config.json") != files.get("model/config.json") \
+                    or s.bundle.serving.get("dtype") != serving_dtype:
+                continue
+            resident |= {rel for rel, e in other.items() if files.get(rel) == e}
+        return lambda file, tensor: f"model/{file}" in resident
+
+    # ------------------------------------------------------------------ swaps
+    def promote(self) -> Swap:
+        """candidate -> live, live -> previous (the old previous is released). O(1)."""
+        t0 = time.perf_counter()
+        with self._lock:
+            cand = self._slots.get("candidate")
+            if cand is None:
+                raise SlotError("no candidate to promote; load one first (slots: "
+                                + (", ".join(self._slots) or "none") + ")")
+            dropped = self._slots.pop("previous", None)
+            live = self._slots.pop("live", None)
+            self._slots["live"] = cand
+            cand.name = "live"
+            del self._slots["candidate"]
+            if live is not None:
+                self._slots["previous"] = live
+                live.name = "previous"
+            if dropped is not None:
+                self._retire_locked(dropped)
+        self._close_if_idle(dropped)
+        return Swap("promote", cand.ref, live.ref if live else None,
+                    dropped.ref if dropped else None, time.perf_counter() - t0)
+
+    def rollback(self, reason: str = "") -> Swap:
+        """previous -> live and live -> previous: a pointer swap, no reload.
+
+        The old live stays warm as previous, so a second rollback rolls forward. If
+        previous is parked in host memory it is copied back first (outside the routing
+        lock: live serves meanwhile); that copy is planned like a load.
+        """
+        t0 = time.perf_counter()
+        prev = self.get("previous")
+        if prev is None:
+            raise SlotError("nothing to roll back to: the previous slot is empty")
+        if prev.tier != "device":
+            self.unpark("previous")
+        with self._lock:
+            prev = self._slots.get("previous")
+            if prev is None or prev.tier != "device":
+                raise SlotError("previous changed while rolling back; retry")
+            live = self._slots.get("live")
+            self._slots["live"] = prev
+            prev.name = "live"
+            if live is not None:
+                self._slots["previous"] = live
+                live.name = "previous"
+            else:
+                del self._slots["previous"]
+        took = time.perf_counter() - t0
+        log.warning("rollback to %s in %.3f ms (%s)", prev.ref, took * 1e3, reason or "no reason given")
+        return Swap("rollback", prev.ref, live.ref if live else None, None, took, reason)
+
+    def release(self, slot: str) -> str | None:
+        """Empty `slot`; its engine closes once its in-flight requests finish. Returns
+        the released ref, or None if the slot was empty (idempotent)."""
+        _check_name(slot)
+        with self._lock:
+            s = self._slots.pop(slot, None)
+            if s is not None:
+                self._retire_locked(s)
+        self._close_if_idle(s)
+        return s.ref if s else None
+
+    def _retire_locked(self, s: Slot) -> None:
+        with s._cv:
+            s.released = True
+            if s._inflight:
+                self._draining.append(s)
+
+    def _close_if_idle(self, s: Slot | None) -> None:
+        if s is None:
+            return
+        with s._cv:
+            idle = s._inflight == 0
+        if idle:
+            s.close()  # now, so the memory is free when release() returns
+        with self._lock:
+            self._draining = [d for d in self._draining if not d.engine.closed]
+
+    # ------------------------------------------------------------------ tiers
+    def park(self, slot: str = "previous", timeout: float | None = 30.0) -> int:
+        """Move `slot`'s exclusive tensors to (pinned) host memory; returns bytes moved.
+        Waits for its in-flight requests; new ones are refused while it is parked."""
+        with self._mem_lock:
+            s = self.slot(slot)
+            if s.tier == "host":
+                return 0
+            with s._cv:
+                s.tier = "moving"
+            if not s.wait_idle(timeout):
+                s.tier = "device"
+                raise SlotError(f"cannot park {slot}: {s.inflight} requests still running after {timeout}s")
+            keep = {k for o in self._all_slots() if o is not s and o.tier == "device"
+                    for k in _storage_keys(o.engine)}
+            s.parked = tiers.park(s.engine, keep)
+            s.tier = "host"
+            return s.parked.moved_bytes
+
+    def unpark(self, slot: str = "previous") -> int:
+        """Copy a parked slot back to the device (planned like a load)."""
+        with self._mem_lock:
+            s = self.slot(slot)
+            if s.tier != "host":
+                return 0
+            from slotserve.memory import LoadEstimate
+
+            need = LoadEstimate(s.parked.moved_bytes, _kv_nbytes(s.parked.kv_layout), 0)
+            plan(need, self.device_memory(), self._held())
+            s.tier = "moving"
+            try:
+                n = tiers.unpark(s.engine, s.parked)
+            except BaseException:
+                s.tier = "host"
+                raise
+            s.parked, s.tier = None, "device"
+            return n
+
+    # ------------------------------------------------------------------ requests
+    async def generate(self, slot: str | Slot, prompt_ids: list[int], params=None) -> SlotRequest:
+        """Start a request on `slot` (a name, or a Slot object to pin it) -> SlotRequest.
+
+        Applies the slot's faults, then submits to its engine. OOM guard: out of memory
+        on a candidate releases it, fires `on_oom` and retries on live (returning live's
+        request); out of memory on live/previous raises Overloaded (a 429).
+        """
+        params = _params(params)
+        s = self._acquire(slot)
+        try:
+            if s.injector is not None:
+                await s.injector.before_request_async()
+            handle = s.engine.submit(prompt_ids, params)
+        except torch.OutOfMemoryError as exc:
+            s._exit()
+            req = await self._after_oom(s, exc, prompt_ids, params)
+            req.first_slot, req.retried = s, True
+            return req
+        except BaseException:
+            s._exit()
+            raise
+        return SlotRequest(self, s, handle, list(prompt_ids), params)
+
+    def _acquire(self, slot: str | Slot) -> Slot:
+        with self._lock:
+            if isinstance(slot, Slot):
+                s = slot
+            else:
+                _check_name(slot)
+                s = self._slots.get(slot)
+                if s is None:
+                    raise SlotError(f"slot {slot!r} is empty; occupied: "
+                                    + (", ".join(f"{n}={o.ref}" for n, o in self._slots.items()) or "none"))
+            s._enter()  # under the routing lock: a release cannot slip in between
+            return s
+
+    async def _after_oom(self, s: Slot, exc: BaseException, prompt_ids, params) -> SlotRequest:
+        if s.name != "candidate":
+            raise Overloaded(self.retry_after_s,
+                             f"out of memory on {s.name} ({s.ref}): {exc}") from exc
+        with self._lock:
+            first = not s.oom_reported
+            s.oom_reported = True
+            if self._slots.get("candidate") is s:
+                self._slots.pop("candidate")
+                self._retire_locked(s)
+        if first:
+            self._close_if_idle(s)
+            self._fire(self._oom_event("candidate", s.ref, s.digest, "request", exc))
+        log.warning("candidate %s out of memory; request retried on live", s.ref)
+        try:
+            return await self.generate("live", prompt_ids, params)
+        except SlotError:
+            raise Overloaded(self.retry_after_s, f"candidate {s.ref} out of memory and no live "
+                             "slot to retry on") from exc
+
+    def _oom_event(self, slot, ref, digest, phase, exc) -> OOMEvent:
+        dev = self.device_memory()
+        from slotserve.faults import InjectedOOM
+        from slotserve.memory import available_bytes
+
+        held = self._held()
+        ev = OOMEvent(slot=slot, ref=ref, digest=digest, phase=phase,
+                      injected=isinstance(exc, InjectedOOM), error=str(exc), device=str(self.device),
+                      free_bytes=available_bytes(dev, held), budget_bytes=self.budget_bytes, held=held,
+                      at=time.time())
+        self.events = (self.events + [ev])[-32:]
+        return ev
+
+    def _fire(self, ev: OOMEvent) -> None:
+        if self.on_oom is None:
+            return
+        try:
+            self.on_oom(ev)
+        except Exception:  # reporting must never turn a retried request into a failure
+            log.exception("on_oom callback failed")
+
+    # ------------------------------------------------------------------ memory & state
+    def device_memory(self):
+        return device_memory(str(self.device), self.budget_bytes)
+
+    def _all_slots(self) -> list[Slot]:
+        with self._lock:
+            return list(self._slots.values()) + [d for d in self._draining if not d.engine.closed]
+
+    def _held(self) -> dict[str, int]:
+        """Device bytes each slot holds (shared tensors counted once, on the oldest slot)."""
+        with self._lock:
+            named = dict(self._slots)
+            draining = [d for d in self._draining if not d.engine.closed]
+        acc = account(list(named.values()) + draining, self.device)
+        held = {n: acc[id(s)].device_bytes for n, s in named.items()}
+        held.update({f"released {d.ref}": acc[id(d)].device_bytes for d in draining})
+        return held
+
+    def state(self) -> SlotsState:
+        with self._lock:
+            named = dict(self._slots)
+            draining = [d for d in self._draining if not d.engine.closed]
+        acc = account(list(named.values()) + draining, self.device)
+        infos = {}
+        for n in SLOT_NAMES:
+            s = named.get(n)
+            if s is None:
+                continue
+            a = acc[id(s)]
+            infos[n] = SlotInfo(
+                name=n, ref=s.ref, digest=s.digest, tier=s.tier, held_bytes=a.held_bytes,
+                shared_bytes=a.shared_bytes, weight_bytes=a.weight_bytes, kv_bytes=a.kv_bytes,
+                faults=s.faults.as_dict(), path=s.engine.path, inflight=s.inflight,
+                load_s=round(s.load_s, 4), loaded_at=s.loaded_at)
+        dev = self.device_memory()
+        from slotserve.memory import available_bytes
+
+        held = {n: acc[id(s)].device_bytes for n, s in named.items()}
+        return SlotsState(device=str(self.device), budget_bytes=self.budget_bytes,
+                          free_bytes=available_bytes(dev, held) if (dev.free_bytes is not None or
+                                                                    dev.budget_bytes is not None) else None,
+                          slots=infos, draining=tuple(d.ref for d in draining),
+                          oom_events=len(self.events))
+
+    def close(self) -> None:
+        """Release every slot now (tests, shutdown): in-flight requests are failed."""
+        for n in SLOT_NAMES:
+            self.release(n)
+        for d in self._all_slots():
+            d.close()
+
+
+# ---------------------------------------------------------------------- helpers
+def _check_name(name: str) -> None:
+    if name not in SLOT_NAMES:
+        raise SlotError(f"unknown slot {name!r}; valid slots: {', '.join(SLOT_NAMES)}")
+
+
+def _params(params):
+    from slotserve.engine import SamplingParams
+
+    if params is None:
+        return SamplingParams()
+    if isinstance(params, dict):
+        return SamplingParams(**params)
+    return params
+
+
+def _storage_keys(engine) -> set:
+    return {tiers.storage_key(t) for t in engine.runner.weights() if t is not None}
+
+
+def _kv_nbytes(layout) -> int:
+    return 0 if layout is None else layout.total_bytes
+
+
+def _json(path):
+    import json
+
+    return json.loads(path.read_text())
