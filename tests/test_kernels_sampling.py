@@ -1,0 +1,141 @@
+"""sample: greedy, exact top-k/top-p sets, distribution, reproducibility; Triton and reference.
+
+The two sides use different counter-based generators (Philox in Triton, a 32-bit integer
+hash in the reference), so for one seed they draw different tokens; each is checked on
+its own against the same properties. All seeds are fixed, so no test is flaky: a
+statistical bound is either met by these draws or not, every run.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"   # before anything imports Triton, which reads it at import
+from slotserve.kernels.testing import interpreter_ready  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not interpreter_ready(), reason="Triton imported before "
+                                "TRITON_INTERPRET=1; run in a fresh process by test_kernels_interpreter.py")
+from slotserve.kernels import sampling  # noqa: E402
+
+SIDES = {"triton": sampling.sample_triton, "ref": sampling.sample_ref}
+# chi-square critical values at p = 0.001 (a correct sampler fails ~1 in 1000 seed sets)
+CHI2_999 = {2: 13.82, 3: 16.27, 7: 24.32}
+
+
+def _params(b, temperature=1.0, top_k=0, top_p=1.0, seed0=0, offset=0):
+    return (torch.full((b,), temperature, device=DEVICE), torch.full((b,), top_k, dtype=torch.int32, device=DEVICE),
+            torch.full((b,), top_p, device=DEVICE), torch.arange(seed0, seed0 + b, device=DEVICE),
+            torch.full((b,), offset, device=DEVICE))
+
+
+def _chi2(tokens, probs):
+    counts = torch.bincount(tokens.cpu(), minlength=probs.numel()).double()
+    expected = probs.double().cpu() * tokens.numel()
+    return (((counts - expected) ** 2) / expected).sum().item()
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_greedy_is_argmax_with_lowest_index_on_ties(side, dtype):
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 1000, generator=g).to(DEVICE, dtype)
+    logits[2, 10] = logits[2, 700] = 9.0                               # tie: the lower id wins
+    t, k, p, s, o = _params(5, temperature=0.0, top_k=5, top_p=0.5)
+    kw = {"block": 128} if side == "triton" else {}                     # several tiles per row
+    got = SIDES[side](logits, t, k, p, s, o, **kw)
+    assert got.dtype == torch.int64 and torch.equal(got, logits.argmax(-1)) and got[2] == 10
+
+
+def _logits_with_clear_boundaries(v, seed):
+    # Spread logits so no top-p boundary sits within 1e-4 of a cumulative sum (exact sets).
+    g = torch.Generator().manual_seed(seed)
+    return torch.linspace(3.0, -3.0, v)[torch.randperm(v, generator=g)]
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 3, 1.0), (0.7, 1, 1.0), (1.0, 0, 0.3), (1.3, 6, 0.5),
+                                                     (0.5, 0, 0.9)])
+def test_topk_topp_pick_exactly_the_allowed_set(side, temperature, top_k, top_p):
+    v, draws = 40, 64
+    row = _logits_with_clear_boundaries(v, seed=top_k)
+    logits = row.repeat(draws, 1).to(DEVICE)
+    t, k, p, s, o = _params(draws, temperature, top_k, top_p)
+    allowed = sampling.allowed_mask_ref(logits[:1], t[:1], k[:1], p[:1])[0].cpu()
+    # the set, from float64 by definition: never a sum within 1e-4 of top_p
+    x = row.double() / temperature
+    keep = x >= x.sort(descending=True).values[(top_k or v) - 1]
+    probs = torch.softmax(x.masked_fill(~keep, float("-inf")), 0)
+    sp = probs.sort(descending=True).values
+    if top_p < 1:
+        assert (sp.cumsum(0) - top_p).abs().min() > 1e-4
+        keep &= probs >= sp[int((sp.cumsum(0) - sp < top_p).sum()) - 1]
+    assert torch.equal(allowed, keep)
+    kw = {"block": 32} if side == "triton" else {}
+    got = SIDES[side](logits, t, k, p, s, o, **kw).cpu()
+    assert allowed[got].all(), "sampled a token outside the top-k/top-p set"
+    if allowed.sum() <= 4:                                             # and the whole set is reachable
+        assert set(got.tolist()) == set(allowed.nonzero().flatten().tolist())
+
+
+@pytest.mark.parametrize("side,draws", [("triton", 1000), ("ref", 20000)])
+def test_distribution_matches_softmax(side, draws):
+    logits = torch.tensor([1.0, 0.5, 0.0, -1.0, 2.0, 0.3, -0.5, 1.5])
+    t, k, p, s, o = _params(draws, temperature=0.8, seed0=12345, offset=3)
+    got = SIDES[side](logits.repeat(draws, 1).to(DEVICE), t, k, p, s, o)
+    assert _chi2(got, torch.softmax(logits / 0.8, 0)) < CHI2_999[7]
+
+
+@pytest.mark.parametrize("side,draws", [("triton", 200), ("ref", 20000)])
+def test_distribution_renormalised_over_topk(side, draws):
+    logits = torch.tensor([1.0, 0.5, 0.0, -1.0, 2.0, 0.3, -0.5, 1.5])
+    t, k, p, s, o = _params(draws, temperature=1.0, top_k=3, seed0=777)
+    got = SIDES[side](logits.repeat(draws, 1).to(DEVICE), t, k, p, s, o)
+    top = torch.tensor([4, 7, 0])
+    assert torch.isin(got.cpu(), top).all()
+    probs = torch.softmax(logits[top], 0)
+    remap = torch.zeros(8, dtype=torch.int64)
+    remap[top] = torch.arange(3)
+    assert _chi2(remap[got.cpu()], probs) < CHI2_999[2]
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_same_seed_same_tokens_other_offsets_other_draws(side):
+    b, v = 32, 500
+    logits = torch.zeros(b, v, device=DEVICE)                            # flat: draws rarely collide
+    t, k, p, s, o = _params(b, seed0=99)
+    first = SIDES[side](logits, t, k, p, s, o)
+    assert torch.equal(first, SIDES[side](logits, t, k, p, s, o))
+    perm = torch.randperm(b, generator=torch.Generator().manual_seed(0)).to(DEVICE)   # batch position is irrelevant
+    assert torch.equal(SIDES[side](logits, t, k, p, s[perm], o[perm]), first[perm])
+    later = SIDES[side](logits, t, k, p, s, o + 1)
+    assert (later != first).float().mean() > 0.9
+    other = SIDES[side](logits, t, k, p, s + 1000, o)
+    assert (other != first).float().mean() > 0.9
+
+
+def test_dispatcher_routes_sample(monkeypatch):
+    from slotserve import kernels as K
+
+    logits = torch.randn(4, 64, device=DEVICE)
+    args = _params(4)
+    monkeypatch.setenv("SLOTSERVE_KERNELS", "triton")
+    assert torch.equal(K.sample(logits, *args), sampling.sample_triton(logits, *args))
+    monkeypatch.setenv("SLOTSERVE_KERNELS", "torch")
+    assert torch.equal(K.sample(logits, *args), sampling.sample_ref(logits, *args))
+    assert torch.equal(K.sample(logits, *args[:4]), sampling.sample_ref(logits, *args[:4], torch.zeros(4).long()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_host_sync_on_gpu():
+    logits = torch.randn(8, 128256, device="cuda")
+    args = _params(8, temperature=0.7, top_k=50, top_p=0.9)
+    sampling.sample_triton(logits, *args)                               # compile outside the check
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sampling.sample_triton(logits, *args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
