@@ -1,0 +1,187 @@
+"""Rollouts driven end to end through the HTTP API in one process (no Ray): the
+controller's tick loop, replica windows, guards, ledger and alert webhook, on the tiny
+demo bundles with injected faults. Clients must never see a failure."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import httpx
+import pytest
+
+from slotserve.app import create_app
+from slotserve.auth import digest
+from slotserve.bundles.demo import build_demo_model, publish_demo
+from slotserve.bundles.store import Store
+from slotserve.controller import SlotController
+from slotserve.replica import LocalController, Replica, Settings
+
+TOKEN = "rollout-token"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rollout-store")
+    s = Store(root)
+    publish_demo(s, "demo", seed=0)                     # demo:1 live
+    publish_demo(s, "demo", seed=1)                     # demo:2 healthy candidate
+    for seed, faults in ((2, {"error_rate": 1.0}), (3, {"oom_after": 1})):   # demo:3, demo:4
+        src = tmp_path_factory.mktemp(f"src{seed}")
+        build_demo_model("llama", seed, src)
+        s.publish(src, "demo", serving={"faults": faults}, reason="drill bundle")
+    return s
+
+
+@contextlib.asynccontextmanager
+async def serving(store, app):
+    ctl = SlotController(str(store.root), app=app, bundle="demo:1")
+    rep = Replica(Settings(store=str(store.root), app=app, admin_token_sha256=digest(TOKEN),
+                           report_interval_s=0.05), LocalController(ctl), replica_id="r1")
+    await rep.start()
+    c = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(rep)), base_url="http://t", timeout=60)
+    try:
+        yield c, ctl
+    finally:
+        await c.aclose()
+        await rep.stop()
+        if ctl._loop_task:
+            ctl._loop_task.cancel()
+        rep.mgr.close()
+
+
+async def traffic(c, until, results, n_clients=4):
+    async def one(i):
+        k = 0
+        while not until():
+            k += 1
+            r = await c.post("/v1/chat/completions", headers={"x-session-id": f"user-{i}-{k}"},
+                             json={"model": "demo", "messages": [{"role": "user", "content": "hi"}],
+                                   "max_tokens": 3})
+            results.append((r.status_code, r.headers.get("x-slotserve-bundle")))
+    await asyncio.gather(*(one(i) for i in range(n_clients)))
+
+
+async def phase(c):
+    return (await c.get("/admin/rollout", headers=AUTH)).json()
+
+
+async def run_until(c, done, timeout=60):
+    results = []
+    t0 = time.time()
+    state = {}
+
+    async def watcher():
+        while time.time() - t0 < timeout:
+            state["r"] = await phase(c)
+            if done(state["r"]):
+                return
+            await asyncio.sleep(0.05)
+
+    w = asyncio.create_task(watcher())
+    await traffic(c, lambda: w.done(), results)
+    await w
+    assert done(state["r"]), state["r"]
+    return results, state["r"]
+
+
+def test_healthy_canary_ramps_and_promotes(store):
+    async def go():
+        async with serving(store, "canary-ok") as (c, ctl):
+            spec = {"bundle": "demo:2", "strategy": "canary", "steps": [50, 100], "bake": "0.3s",
+                    "min_requests": 4, "sticky_key": "header:x-session-id",
+                    "guards": [{"metric": "error_rate", "op": ">", "value": 0.5, "action": "rollback"}]}
+            r = await c.post("/admin/rollout", json=spec, headers=AUTH)
+            assert r.status_code == 200, r.text
+            results, st = await run_until(c, lambda s: s["phase"] in ("promoted", "rolled_back"))
+            assert st["phase"] == "promoted"
+            assert all(code == 200 for code, _ in results)
+            assert {"demo:1", "demo:2"} <= {b for _, b in results}
+            s = (await c.get("/admin/state", headers=AUTH)).json()
+            assert s["desired"]["live"]["ref"] == "demo:2" and s["desired"]["previous"]["ref"] == "demo:1"
+            acts = [e["action"] for e in (await c.get("/admin/ledger", headers=AUTH)).json()["entries"]]
+            assert "rollout_start" in acts and "rollout_step" in acts and "promote" in acts
+            # a second rollout while none is active is fine; an impossible spec is refused first
+            r = await c.post("/admin/rollout", json={"bundle": "demo:1", "steps": [5, 1]}, headers=AUTH)
+            assert r.status_code == 400 and "increasing" in r.json()["error"]["message"]
+    asyncio.run(go())
+
+
+def test_erroring_candidate_is_rolled_back_without_client_failures(store):
+    async def go():
+        async with serving(store, "canary-err") as (c, ctl):
+            spec = {"bundle": "demo:3", "strategy": "canary", "steps": [50, 100], "bake": "30s",
+                    "min_requests": 4,
+                    "guards": [{"metric": "error_rate", "op": ">", "value": 0.2, "action": "rollback",
+                                "min_samples": 5}]}
+            r = await c.post("/admin/rollout", json=spec, headers=AUTH)
+            assert r.status_code == 200, r.text
+            results, st = await run_until(c, lambda s: s["phase"] in ("promoted", "rolled_back"))
+            assert st["phase"] == "rolled_back" and "error_rate" in st["reason"]
+            assert all(code == 200 for code, _ in results), [r for r in results if r[0] != 200][:3]
+            assert all(b == "demo:1" for _, b in results)  # failures were answered by live
+            s = (await c.get("/admin/state", headers=AUTH)).json()
+            assert s["desired"]["live"]["ref"] == "demo:1" and s["desired"]["candidate"] is None
+            led = (await c.get("/admin/ledger", headers=AUTH)).json()["entries"]
+            rb = next(e for e in led if e["action"] == "rollback")
+            assert rb["metrics"]["trigger"] == "guard" and "candidate.error_rate" in rb["metrics"]
+    asyncio.run(go())
+
+
+def test_oom_candidate_is_released_and_reverted(store):
+    async def go():
+        async with serving(store, "canary-oom") as (c, ctl):
+            spec = {"bundle": "demo:4", "strategy": "canary", "steps": [50, 100], "bake": "30s",
+                    "min_requests": 4, "guards": [{"metric": "oom_events", "op": ">", "value": 0,
+                                                   "action": "rollback"}]}
+            assert (await c.post("/admin/rollout", json=spec, headers=AUTH)).status_code == 200
+            results, st = await run_until(c, lambda s: s["phase"] in ("promoted", "rolled_back"))
+            assert st["phase"] == "rolled_back" and "out of memory" in st["reason"]
+            assert all(code == 200 for code, _ in results)
+    asyncio.run(go())
+
+
+class _Hook(BaseHTTPRequestHandler):
+    received: list = []
+
+    def do_POST(self):
+        n = int(self.headers.get("content-length", 0))
+        _Hook.received.append(json.loads(self.rfile.read(n)))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *a):
+        pass
+
+
+def test_alert_guard_posts_webhook_and_does_not_roll_back(store):
+    srv = HTTPServer(("127.0.0.1", 0), _Hook)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/hook"
+
+    async def go():
+        async with serving(store, "canary-alert") as (c, ctl):
+            spec = {"bundle": "demo:3", "strategy": "canary", "steps": [50, 100], "bake": "30s",
+                    "min_requests": 4, "alert_webhook": url,
+                    "guards": [{"metric": "error_rate", "op": ">", "value": 0.2, "action": "alert",
+                                "min_samples": 5}]}
+            assert (await c.post("/admin/rollout", json=spec, headers=AUTH)).status_code == 200
+            results, st = await run_until(c, lambda s: s.get("paused"))
+            assert st["phase"] == "running" and st["weights"]["candidate"] == 50
+            for _ in range(50):
+                if _Hook.received:
+                    break
+                await asyncio.sleep(0.1)
+            assert _Hook.received and _Hook.received[0]["event"] == "Alerted"
+            assert all(code == 200 for code, _ in results)
+            r = await c.post("/admin/rollout/abort", json={"reason": "human says no"}, headers=AUTH)
+            assert r.status_code == 200 and r.json()["state"]["desired"]["candidate"] is None
+    try:
+        asyncio.run(go())
+    finally:
+        srv.shutdown()
