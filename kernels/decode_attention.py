@@ -12,7 +12,7 @@ import triton.language as tl
 @triton.jit
 def _split_kernel(q_ptr, kc_ptr, vc_ptr, tab_ptr, lens_ptr, out_ptr, mid_o_ptr, mid_lse_ptr, scale,
                   q_sb, q_sh, c_sblk, c_stok, c_sh, tab_sb, o_sb, o_sh,
-                  GROUP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                  NUM_SPLITS, GROUP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                   BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                   SINGLE: tl.constexpr, IEEE: tl.constexpr):
     # grid (B, Hk, NUM_SPLITS). One program: the GROUP query heads sharing KV head `kh`
@@ -74,7 +74,7 @@ def _split_kernel(q_ptr, kc_ptr, vc_ptr, tab_ptr, lens_ptr, out_ptr, mid_o_ptr, 
 
 
 @triton.jit
-def _reduce_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, o_sb, o_sh, D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+def _reduce_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, o_sb, o_sh, NUM_SPLITS, D: tl.constexpr,
                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     # grid (B, Hq): combine the splits' outputs weighted by exp(lse_s - max lse).
     b = tl.program_id(0).to(tl.int64)
@@ -138,11 +138,11 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     _split_kernel[(b, hk, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, mid_o, mid_lse, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1), GROUP=group, D=d, BS=bs, NUM_SPLITS=splits,
+        out.stride(0), out.stride(1), splits, GROUP=group, D=d, BS=bs,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n, SINGLE=splits == 1,
         IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
     if splits > 1:
-        _reduce_kernel[(b, hq)](mid_o, mid_lse, out, out.stride(0), out.stride(1), D=d, NUM_SPLITS=splits,
+        _reduce_kernel[(b, hq)](mid_o, mid_lse, out, out.stride(0), out.stride(1), splits, D=d,
                                 BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=triton.next_power_of_2(d), num_warps=4)
     return out
 

@@ -65,7 +65,7 @@ def _sample_kernel(logits_ptr, temp_ptr, topk_ptr, topp_ptr, seed_ptr, off_ptr, 
         # top-p over the renormalised top-k distribution: the largest probability key P with
         # mass(prob key >= P) >= top_p; keep prob >= that (capped at the top token: >= 1 token)
         p_lo = tl.full([], 0, tl.int64)
-        inv_z = 1.0
+        inv_z = tl.full([], 1.0, tl.float32)
         if top_p < 1.0:
             z_sum = tl.zeros([], tl.float32)
             for c0 in range(0, V, BLOCK):
