@@ -10,6 +10,7 @@ safetensors: pickle files are never copied nor loaded, and custom modelling code
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Mapping
 
-from slotserve.bundles.manifest import BundleError
+from slotserve.bundles.manifest import BundleError, Manifest
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
@@ -50,6 +51,8 @@ class Source:
     config: Mapping[str, Any]
     serving: Mapping[str, Any]
     files: Mapping[str, Path | bytes]
+    origin: Manifest | None = None  # set when the source is itself a published bundle
+
 
     @property
     def has_faults(self) -> bool:
@@ -119,7 +122,15 @@ def read_source(src: Path, *, prompt_template=None, system_prompt=None, serving=
     if eval_file is not None or ev.is_file():
         _check_eval(ev)
         files["eval/eval.jsonl"] = ev
-    return Source(src, arch, model_type, config, norm, files)
+    return Source(src, arch, model_type, config, norm, files, _origin(src) if bundle_layout else None)
+
+
+def _origin(src: Path) -> Manifest | None:
+    """The manifest of a bundle being re-published: provenance to inherit (when intact)."""
+    try:
+        return Manifest.from_json((src / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, BundleError):
+        return None
 
 
 def _read_config(model_dir: Path) -> dict[str, Any]:
@@ -136,11 +147,12 @@ def _read_config(model_dir: Path) -> dict[str, Any]:
     return config
 
 
-def causal_lm_architectures() -> set[str]:
+@functools.lru_cache(maxsize=1)
+def causal_lm_architectures() -> frozenset[str]:
     """Causal-LM class names this transformers knows (no torch import: the lazy module's dir)."""
     import transformers
 
-    return {n for n in dir(transformers) if n.endswith("ForCausalLM") or n.endswith("LMHeadModel")}
+    return frozenset(n for n in dir(transformers) if n.endswith("ForCausalLM") or n.endswith("LMHeadModel"))
 
 
 def _check_architecture(config: Mapping[str, Any], path: Path) -> tuple[str, str]:

@@ -300,12 +300,17 @@ class Store:
         files = {rel: FileEntry(*src.hash(rel)) for rel in src.files}
         content_key = digest_of({"files": {p: e.to_dict() for p, e in sorted(files.items())},
                                  "retrieval_index": None if ri is None else ri.__dict__})
+        origin = src.origin  # re-publishing a bundle: its weights keep their provenance
         if code_commit is None:
-            code_commit = _git_head(Path(src_dir))
-        model = ModelInfo(src.architecture, src.model_type,
-                          source if isinstance(source, ModelSource) else
-                          ModelSource.parse(source) if source else ModelSource("local", str(Path(src_dir).resolve())))
-        parent_digest = self.resolve(parent).digest if parent else None
+            code_commit = origin.lineage.code_commit if origin else _git_head(Path(src_dir))
+        if data_version is None and origin:
+            data_version = origin.lineage.data_version
+        if isinstance(source, str):
+            source = ModelSource.parse(source)
+        if source is None:
+            source = origin.model.source if origin else ModelSource("local", str(Path(src_dir).resolve()))
+        model = ModelInfo(src.architecture, src.model_type, source)
+        parent_digest = self.resolve(parent).digest if parent else (origin.digest if origin else None)
 
         early = self.registry.find_content(name, content_key)  # skip the copy for a re-publish
         if early is not None and version in (None, early.version):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from slotserve.bundles.demo import build_demo_model
-from slotserve.bundles.manifest import BundleError, Manifest
+from slotserve.bundles.manifest import BundleError, Lineage, Manifest
 from slotserve.bundles.store import SERVING_DEFAULTS, Store
 
 
@@ -303,11 +303,14 @@ def test_bad_eval_and_retrieval(store, src, tmp_path):
 
 def test_republish_from_a_bundle_dir(store, src, tmp_path):
     """A bundle's own layout is a valid source: change only the prompt, keep the weights."""
-    m1 = store.publish(src, "bot", serving={"max_batch": 4})
+    m1 = store.publish(src, "bot", serving={"max_batch": 4}, data_version="d1", code_commit="c1")
+    store.publish(src, "bot", serving={"max_batch": 8})
     (tmp_path / "sys.txt").write_text("New prompt.\n")
-    m2 = store.publish(store.path_of("bot", 1), "bot", system_prompt=tmp_path / "sys.txt")
-    assert m2.version == 2 and m2.weight_files() == m1.weight_files()
-    assert store.open(m2.ref).serving["max_batch"] == 4
+    m3 = store.publish(store.path_of("bot", 1), "bot", system_prompt=tmp_path / "sys.txt")
+    assert m3.version == 3 and m3.weight_files() == m1.weight_files()
+    assert store.open(m3.ref).serving["max_batch"] == 4
+    # provenance follows the weights: source, code, data, and the bundle it came from
+    assert m3.model.source == m1.model.source and m3.lineage == Lineage("c1", "d1", m1.digest)
 
 
 def test_store_root_problems(tmp_path):
