@@ -116,8 +116,13 @@ class ReplicaInfo:
 class ControllerCore:
     def __init__(self, store, *, app: str = "slotserve", bundle: str | None = None,
                  clock: Callable[[], float] = time.time, post: Callable[[str, dict], Any] | None = None,
-                 actor: str = "controller"):
+                 actor: str = "controller", force_bundle: bool = False, defer_writes: bool = False):
         self.store = store
+        # defer_writes: registry writes (ledger rows, aliases; ~20 ms each with fsync) are
+        # queued and flushed right after the replicas were told, so a rollback is pushed
+        # without waiting on the disk. The JSON state row is still written first.
+        self.defer_writes = defer_writes
+        self._pending: list[Callable[[], Any]] = []
         self.app = app
         self.clock = clock
         self.post = post or (lambda url, body: None)
@@ -127,13 +132,13 @@ class ControllerCore:
         self.windows = WindowSet(("live", "candidate"), now=clock())
         self.rollout: ro.RolloutState | None = None
         self.rollout_spec: dict | None = None
-        self.state = self._restore(bundle)
+        self.state = self._restore(bundle, force_bundle)
         if self.rollout is not None:
             self._reset_windows()
 
     # ------------------------------------------------------------ persistence
 
-    def _restore(self, bundle: str | None) -> DesiredState:
+    def _restore(self, bundle: str | None, force: bool) -> DesiredState:
         state = DesiredState()
         if self.state_path.exists():
             try:
@@ -152,9 +157,10 @@ class ControllerCore:
             if state.live is None:
                 state = replace(state, live=SlotRef(rec.ref, rec.digest), reason=f"serve --bundle {bundle}")
                 self._ledger("load", rec.ref, to=rec.ref, reason=f"initial live ({bundle})")
-            elif state.live.digest != rec.digest:
-                # An explicit --bundle that differs from the persisted live: it becomes
-                # live and the old live is kept warm as previous.
+            elif force and state.live.digest != rec.digest:
+                # An explicit `serve --bundle` that differs from the persisted live: it
+                # becomes live and the old live is kept warm as previous. (A Serve
+                # config's `bundle` only seeds an empty state.)
                 state = replace(state, previous=state.live, live=SlotRef(rec.ref, rec.digest),
                                 candidate=None if state.candidate and state.candidate.digest == rec.digest
                                 else state.candidate, reason=f"serve --bundle {bundle}")
@@ -171,7 +177,23 @@ class ControllerCore:
                                    "rollout": self.rollout.to_dict() if self.rollout else None},
                                   indent=1, sort_keys=True, default=str))
         os.replace(tmp, self.state_path)
-        self._sync_aliases(state)
+        self._write(lambda: self._sync_aliases(state))
+
+    def _write(self, fn: Callable[[], Any]) -> None:
+        if self.defer_writes:
+            self._pending.append(fn)
+        else:
+            fn()
+
+    def flush(self) -> None:
+        """Run the queued registry writes in order (the actor calls it off the loop)."""
+        while self._pending:
+            batch, self._pending = self._pending, []
+            for fn in batch:
+                try:
+                    fn()
+                except Exception as exc:
+                    log.error("registry write failed: %s", exc)
 
     def _sync_aliases(self, state: DesiredState) -> None:
         """`name@live|previous|candidate` follow the desired state (so refs like
@@ -196,11 +218,15 @@ class ControllerCore:
 
     def _ledger(self, action: str, bundle: str | None, *, from_: str | None = None, to: str | None = None,
                 reason: str = "", metrics: dict | None = None, actor: str | None = None) -> None:
-        try:
-            self.store.registry.record(action, actor or self.actor, bundle, from_, to, reason,
-                                       _jsonable(metrics) if metrics else None)
-        except Exception as exc:  # the ledger must not take serving down
-            log.error("ledger write failed (%s %s): %s", action, bundle, exc)
+        row = (action, actor or self.actor, bundle, from_, to, reason,
+               _jsonable(metrics) if metrics else None)
+
+        def write():
+            try:
+                self.store.registry.record(*row)
+            except Exception as exc:  # the ledger must not take serving down
+                log.error("ledger write failed (%s %s): %s", action, bundle, exc)
+        self._write(write)
 
     def _set(self, reason: str, **changes) -> DesiredState:
         self.state = replace(self.state, version=self.state.version + 1, reason=reason,
@@ -483,19 +509,23 @@ class SlotController:
     """Async actor shell: long-poll watch, convergence waits, the tick loop, webhooks."""
 
     def __init__(self, store_root: str | None = None, app: str = "slotserve",
-                 bundle: str | None = None):
+                 bundle: str | None = None, force_bundle: bool = False):
         from slotserve.bundles.store import Store
         self._webhooks: list[tuple[str, dict]] = []
-        self.core = ControllerCore(Store(store_root), app=app, bundle=bundle,
-                                   post=lambda url, body: self._webhooks.append((url, body)))
+        self.core = ControllerCore(Store(store_root), app=app, bundle=bundle, force_bundle=force_bundle,
+                                   post=lambda url, body: self._webhooks.append((url, body)),
+                                   defer_writes=True)
+        self.core.flush()  # what the restore wrote
         self._changed: asyncio.Event | None = None
         self._loop_task = None
+        self._flush_lock: asyncio.Lock | None = None
 
     # -- plumbing
 
     def _ensure_loop(self) -> None:
         if self._loop_task is None:
             self._changed = asyncio.Event()
+            self._flush_lock = asyncio.Lock()
             self._loop_task = asyncio.get_running_loop().create_task(self._ticker())
             self._seen_version = self.core.state.version
 
@@ -508,6 +538,12 @@ class SlotController:
             hooks, self._webhooks = self._webhooks, []
             for url, body in hooks:
                 asyncio.get_running_loop().create_task(_post(url, body))
+        if self.core._pending:
+            asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        async with self._flush_lock:  # one writer at a time keeps the ledger in order
+            await asyncio.to_thread(self.core.flush)
 
     async def _ticker(self) -> None:
         while True:
@@ -628,6 +664,8 @@ class SlotController:
         return self.core.admin_state()
 
     async def ledger(self, limit: int = 50, bundle: str | None = None) -> list[dict]:
+        self._ensure_loop()
+        await self._flush()
         return self.core.ledger(limit, bundle)
 
 
@@ -640,10 +678,12 @@ async def _post(url: str, body: dict) -> None:
         log.error("alert webhook %s failed: %s", url, exc)
 
 
-def get_or_create(store_root: str | None, app: str = "slotserve", bundle: str | None = None):
-    """The app's controller actor (created detached on first use)."""
+def get_or_create(store_root: str | None, app: str = "slotserve", bundle: str | None = None,
+                  force_bundle: bool = False):
+    """The app's controller actor (created detached on first use; later calls get it and
+    their arguments are ignored)."""
     import ray
     actor_cls = ray.remote(SlotController)
     return actor_cls.options(name=f"{ACTOR}:{app}", namespace=NAMESPACE, lifetime="detached",
                              get_if_exists=True, num_cpus=0, max_restarts=-1,
-                             max_concurrency=1000).remote(store_root, app, bundle)
+                             max_concurrency=1000).remote(store_root, app, bundle, force_bundle)

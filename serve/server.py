@@ -124,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
         ray.init(address=address, namespace="slotserve", logging_level="WARNING")
     serve.start(http_options={"host": host, "port": port})
 
-    controller = get_or_create(str(store.root), app_name, bundle)
+    controller = get_or_create(str(store.root), app_name, bundle,
+                               force_bundle=_opt(args, cfg, "bundle") is not None)
     settings = {"store": str(store.root), "device": device, "app": app_name,
                 "admin_token_sha256": digest(token), "bundle": bundle}
     if (mb := _opt(args, cfg, "memory_budget")) is not None:
