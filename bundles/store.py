@@ -18,6 +18,7 @@ removes it.
 
 from __future__ import annotations
 
+import errno
 import getpass
 import hashlib
 import json
@@ -156,20 +157,25 @@ def _hash_cached(path: Path) -> str:
 class Store:
     def __init__(self, root: str | Path | None = None, *, create: bool = True):
         self.root = Path(root).expanduser() if root is not None else default_root()
-        db = self.root / "registry.db"
+        try:
+            self._prepare(create)
+        except PermissionError as exc:
+            raise BundleError(f"bundle store {self.root} is not readable and writable by this user "
+                              f"({exc.strerror}: {exc.filename})") from None
+        except OSError as exc:
+            raise BundleError(f"cannot use the bundle store at {self.root}: {exc.strerror or exc}") from None
+        self.registry = Registry(self.root / "registry.db")
+
+    def _prepare(self, create: bool) -> None:
         if self.root.exists() and not self.root.is_dir():
             raise BundleError(f"store root {self.root} is not a directory; --store / $SLOTSERVE_HOME must name a directory")
-        if not create and not db.exists():
+        if not create and not (self.root / "registry.db").exists():
             raise BundleError(f"no bundle store at {self.root}: publish a bundle first, or point --store "
                               "(or $SLOTSERVE_HOME) at an existing store")
-        try:
-            for sub in ("blobs/sha256", "bundles", "tmp"):
-                (self.root / sub).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise BundleError(f"cannot create the bundle store at {self.root}: {exc.strerror or exc}") from None
+        for sub in ("blobs/sha256", "bundles", "tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
         if not os.access(self.root, os.R_OK | os.W_OK | os.X_OK):
-            raise BundleError(f"bundle store {self.root} is not readable and writable by this user")
-        self.registry = Registry(db)
+            raise PermissionError(errno.EACCES, "permission denied", str(self.root))
 
     # ---- resolving -------------------------------------------------------------------
     def resolve(self, ref: str | Ref) -> BundleRecord:

@@ -113,6 +113,10 @@ def test_errors_are_one_line_and_non_zero(published, tmp_path):
     assert_error(run("bundle", "list", store=tmp_path / "afile"), "not a directory")
     assert_error(run("bundle", "list", store=tmp_path / "nowhere"), "no bundle store at")
     assert_error(run("demo-bundle", "--out", tmp_path / "afile"), "not a directory")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "registry.db").write_bytes(b"this is not a database" * 100)
+    assert_error(run("ledger", store=corrupt), "cannot open the registry")
     usage = run("bundle", store=None)
     assert usage.returncode == 2 and "usage:" in usage.stderr
 

@@ -113,3 +113,9 @@ def test_lookup_helpers(reg):
 def test_unopenable_registry_is_a_clear_error(tmp_path):
     with pytest.raises(BundleError, match="cannot open the registry"):
         Registry(tmp_path / "missing-dir" / "registry.db")
+
+
+def test_corrupt_registry_is_a_clear_error(tmp_path):
+    (tmp_path / "registry.db").write_bytes(b"not a database" * 100)
+    with pytest.raises(BundleError, match="cannot open the registry .*not a database"):
+        Registry(tmp_path / "registry.db")

@@ -325,3 +325,22 @@ def test_store_root_problems(tmp_path):
 def test_default_root_from_env(tmp_path, monkeypatch):
     monkeypatch.setenv("SLOTSERVE_HOME", str(tmp_path / "home"))
     assert Store().root == tmp_path / "home"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads and writes any directory")
+def test_unreadable_store_is_a_clear_error(tmp_path):
+    Store(tmp_path / "s")
+    os.chmod(tmp_path / "s", 0)
+    try:
+        with pytest.raises(BundleError, match="store"):
+            Store(tmp_path / "s")
+    finally:
+        os.chmod(tmp_path / "s", 0o755)
+
+
+def test_store_without_access_is_a_clear_error(tmp_path, monkeypatch):
+    Store(tmp_path / "s")
+    # root bypasses permission bits, so simulate what an unprivileged user would see
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)
+    with pytest.raises(BundleError, match="is not readable and writable by this user"):
+        Store(tmp_path / "s")
