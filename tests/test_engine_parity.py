@@ -98,3 +98,19 @@ def test_logits_close_to_transformers(arch):
     assert got.shape == ref.shape
     scale = ref.abs().max().item()
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-4 * scale)
+
+
+def test_cpu_decode_attention_matches_kernel_reference():
+    # The lean model's torch-side decode attention (gather + SDPA) against the kernels' ref:
+    # both fp32, different summation order -> ~1e-7; 1e-5 leaves room for other CPUs.
+    from slotserve.kernels import paged_decode_attention_ref
+    from slotserve.model import paged_decode_attention_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    for b, hq, hk, d, bs in [(5, 8, 2, 64, 16), (1, 4, 4, 32, 16), (3, 6, 3, 16, 8)]:
+        kc, vc = torch.randn(64, bs, hk, d, generator=g), torch.randn(64, bs, hk, d, generator=g)
+        tables = torch.randint(0, 64, (b, 7), dtype=torch.int32, generator=g)
+        lens = torch.randint(1, 7 * bs + 1, (b,), dtype=torch.int32, generator=g)
+        q = torch.randn(b, hq, d, generator=g)
+        torch.testing.assert_close(paged_decode_attention_sdpa(q, kc, vc, tables, lens, d ** -0.5),
+                                   paged_decode_attention_ref(q, kc, vc, tables, lens, d ** -0.5), rtol=0, atol=1e-5)

@@ -1,0 +1,262 @@
+"""Engine vs transformers `generate` on the same random Llama and the same requests.
+
+    python benchmarks/bench_engine.py [--device cpu|cuda] [--model-size 25m|1b] [--json PATH] [--quick]
+
+Scenarios (each repeated, medians reported):
+- batch 1: time to first token and decode tokens/s (engine: from its token timestamps;
+  transformers: generate(max_new_tokens=N) minus generate(max_new_tokens=1));
+- 16 and 64 requests arriving as a Poisson process (fixed seed), prompts 32-256 tokens,
+  32-128 new tokens each: the engine serves them with continuous batching; the baseline
+  is a naive static-batching server that, whenever idle, takes every request that has
+  arrived (up to max_batch), left-pads them and runs one `generate` until the longest
+  finishes. Throughput = useful output tokens / (last completion - first arrival);
+  TTFT = first token - arrival (the baseline's first token comes from a streamer).
+On CUDA, batch-1 decode is also reported as % of the memory-bandwidth limit:
+weight bytes read per token * tokens/s / peak bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from slotserve.engine import Engine, SamplingParams
+
+SIZES = {
+    # ~34M parameters, 25.7M of them outside the embeddings
+    "25m": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+                intermediate_size=1408, vocab_size=8000, tie_word_embeddings=False),
+    # Llama-3.2-1B shape: 1.24B parameters, tied embeddings, llama3 rope
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, head_dim=64,
+               rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+}
+PEAK_BW = [("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100", 2.0e12)]
+
+
+def peak_bandwidth(name: str) -> float | None:
+    return next((bw for key, bw in PEAK_BW if key.lower() in name.lower()), None)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(size: str, device: torch.device, dtype: torch.dtype, path: str):
+    cfg = LlamaConfig(**SIZES[size], max_position_embeddings=4096, bos_token_id=None, eos_token_id=None,
+                      pad_token_id=0)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+# ------------------------------------------------------------------------------- batch 1
+def batch1(eng, model, prompt, n, repeats, device):
+    sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    ids = torch.tensor([prompt], device=device)
+    eng.generate([prompt], sp)                                  # warm-up
+    model.generate(ids, do_sample=False, max_new_tokens=4, pad_token_id=0)
+    e_ttft, e_dec, h_ttft, h_dec, e_e2e, h_e2e = [], [], [], [], [], []
+    for _ in range(repeats):
+        h = eng.submit(prompt, sp)
+        h.result()
+        e_ttft.append(h.ttft)
+        e_dec.append((n - 1) / (h.finished_at - h.first_token_at))
+        e_e2e.append(n / (h.finished_at - h.submitted_at))
+        with torch.inference_mode():
+            sync(device)
+            t0 = time.perf_counter()
+            model.generate(ids, do_sample=False, max_new_tokens=1, pad_token_id=0)
+            sync(device)
+            t1 = time.perf_counter()
+            out = model.generate(ids, do_sample=False, max_new_tokens=n, pad_token_id=0)
+            sync(device)
+            t2 = time.perf_counter()
+        assert out.shape[1] == len(prompt) + n
+        h_ttft.append(t1 - t0)
+        h_dec.append((n - 1) / ((t2 - t1) - (t1 - t0)))
+        h_e2e.append(n / (t2 - t1))
+    med = statistics.median
+    res = {"prompt_tokens": len(prompt), "new_tokens": n, "repeats": repeats,
+           "engine": {"ttft_s": med(e_ttft), "decode_tok_s": med(e_dec), "e2e_tok_s": med(e_e2e)},
+           "transformers": {"ttft_s": med(h_ttft), "decode_tok_s": med(h_dec), "e2e_tok_s": med(h_e2e)}}
+    res["decode_ratio"] = res["engine"]["decode_tok_s"] / res["transformers"]["decode_tok_s"]
+    res["ttft_ratio"] = res["transformers"]["ttft_s"] / res["engine"]["ttft_s"]
+    return res
+
+
+# ------------------------------------------------------------------------------- concurrent
+def workload(n, rate, vocab, seed, prompt_range, gen_range):
+    rng = random.Random(seed)
+    t, reqs = 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        plen = rng.randint(*prompt_range)
+        reqs.append((t, [rng.randrange(1, vocab) for _ in range(plen)], rng.randint(*gen_range)))
+    return reqs
+
+
+def run_engine(eng, reqs):
+    handles = []
+    t0 = time.perf_counter()
+    for at, prompt, n in reqs:
+        delay = t0 + at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        handles.append((t0 + at, eng.submit(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))))
+    for _, h in handles:
+        h.result()
+    end = max(h.finished_at for _, h in handles)
+    tokens = sum(len(h.output_ids) for _, h in handles)
+    return {"tok_s": tokens / (end - t0 - reqs[0][0]), "tokens": tokens,
+            "ttft_median_s": statistics.median(h.first_token_at - at for at, h in handles),
+            "ttft_p90_s": sorted(h.first_token_at - at for at, h in handles)[int(0.9 * len(handles))],
+            "latency_median_s": statistics.median(h.finished_at - at for at, h in handles)}
+
+
+class _FirstToken:
+    """A generate() streamer that notes when the first new token of the batch appears."""
+
+    def __init__(self):
+        self.calls, self.first = 0, None
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls == 2 and self.first is None:   # call 1 is the prompt
+            self.first = time.perf_counter()
+
+    def end(self):
+        pass
+
+
+def run_static(model, reqs, max_batch, device):
+    t0 = time.perf_counter()
+    i, ttft, lat, tokens = 0, [], [], 0
+    while i < len(reqs):
+        now = time.perf_counter() - t0
+        if reqs[i][0] > now:
+            time.sleep(reqs[i][0] - now)
+            now = reqs[i][0]
+        batch = []
+        while i < len(reqs) and reqs[i][0] <= now and len(batch) < max_batch:
+            batch.append(reqs[i])
+            i += 1
+        width = max(len(p) for _, p, _ in batch)
+        ids = torch.tensor([[0] * (width - len(p)) + p for _, p, _ in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for _, p, _ in batch], device=device)
+        n = max(g for _, _, g in batch)
+        st = _FirstToken()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, pad_token_id=0, streamer=st)
+        sync(device)
+        done = time.perf_counter()
+        for at, _, g in batch:
+            ttft.append(st.first - (t0 + at))
+            lat.append(done - (t0 + at))
+            tokens += g
+    end = time.perf_counter()
+    return {"tok_s": tokens / (end - t0 - reqs[0][0]), "tokens": tokens, "ttft_median_s": statistics.median(ttft),
+            "ttft_p90_s": sorted(ttft)[int(0.9 * len(ttft))], "latency_median_s": statistics.median(lat)}
+
+
+def concurrent(eng, model, n, rate, repeats, vocab, max_batch, device, prompt_range, gen_range):
+    runs = []
+    for r in range(repeats):
+        reqs = workload(n, rate, vocab, seed=100 + r, prompt_range=prompt_range, gen_range=gen_range)
+        runs.append((run_engine(eng, reqs), run_static(model, reqs, max_batch, device)))
+    med = statistics.median
+    keys = runs[0][0].keys()
+    e = {k: med(r[0][k] for r in runs) for k in keys}
+    h = {k: med(r[1][k] for r in runs) for k in keys}
+    return {"requests": n, "arrival_rate_per_s": rate, "repeats": repeats, "prompt_tokens": list(prompt_range),
+            "new_tokens": list(gen_range), "engine": e, "transformers_static": h,
+            "throughput_ratio": e["tok_s"] / h["tok_s"], "ttft_ratio": h["ttft_median_s"] / e["ttft_median_s"],
+            "per_repeat_throughput_ratio": [r[0]["tok_s"] / r[1]["tok_s"] for r in runs]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--model-size", default="auto", choices=["auto", *SIZES])
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second")
+    ap.add_argument("--peak-bw", type=float, default=None, help="bytes/s, overrides the device table")
+    args = ap.parse_args()
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    size = args.model_size if args.model_size != "auto" else ("1b" if device.type == "cuda" else "25m")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    repeats = args.repeats or (1 if args.quick else 3)
+    rate = args.rate or (40.0 if device.type == "cuda" else 8.0)
+    max_batch = 64
+    torch.set_grad_enabled(False)
+
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "model_size": size,
+              "dtype": str(dtype).removeprefix("torch."), "config": SIZES[size]}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build(size, device, dtype, tmp)
+        report["parameters"] = sum(p.numel() for p in model.parameters())
+        eng = Engine.from_pretrained(tmp, device=device, dtype=dtype, max_model_len=2048, max_batch=max_batch,
+                                     kv_cache_tokens=64 * 512)
+        report["engine_path"] = eng.path
+        report["cuda_graphs"] = getattr(eng.runner, "graphs", None) is not None
+        mem = eng.memory()
+        report["weight_bytes"] = mem.weight_bytes
+        print(f"{size} Llama ({report['parameters'] / 1e6:.1f}M params, {report['dtype']}) on {report['device']}",
+              flush=True)
+
+        vocab = SIZES[size]["vocab_size"]
+        rng = random.Random(0)
+        prompt = [rng.randrange(1, vocab) for _ in range(128)]
+        n1 = 32 if args.quick else (256 if device.type == "cuda" else 64)
+        report["batch1"] = b1 = batch1(eng, model, prompt, n1, repeats, device)
+        print(f"batch 1: decode {b1['engine']['decode_tok_s']:.1f} vs {b1['transformers']['decode_tok_s']:.1f} tok/s "
+              f"({b1['decode_ratio']:.2f}x); TTFT {b1['engine']['ttft_s'] * 1e3:.1f} vs "
+              f"{b1['transformers']['ttft_s'] * 1e3:.1f} ms", flush=True)
+        if device.type == "cuda":
+            bw = args.peak_bw or peak_bandwidth(report["device"])
+            if bw:
+                used = mem.weight_bytes * b1["engine"]["decode_tok_s"]
+                report["bandwidth"] = {"peak_bytes_s": bw, "weight_bytes_per_token": mem.weight_bytes,
+                                       "achieved_bytes_s": used, "fraction_of_peak": used / bw}
+                print(f"batch-1 decode at {100 * used / bw:.1f}% of {bw / 1e12:.2f} TB/s "
+                      f"({mem.weight_bytes / 1e9:.2f} GB of weights per token)", flush=True)
+
+        report["concurrent"] = []
+        for n in ([16] if args.quick else [16, 64]):
+            c = concurrent(eng, model, n, rate, repeats, vocab, max_batch, device,
+                           prompt_range=(32, 256), gen_range=(32, 128) if not args.quick else (16, 48))
+            report["concurrent"].append(c)
+            print(f"{n} requests @ {rate}/s: engine {c['engine']['tok_s']:.1f} tok/s vs static "
+                  f"{c['transformers_static']['tok_s']:.1f} ({c['throughput_ratio']:.2f}x); TTFT median "
+                  f"{c['engine']['ttft_median_s'] * 1e3:.0f} vs {c['transformers_static']['ttft_median_s'] * 1e3:.0f} ms",
+                  flush=True)
+        report["engine_stats"] = eng.stats()
+        eng.close()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
