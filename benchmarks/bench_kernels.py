@@ -166,6 +166,14 @@ def check(K, dev) -> list[dict]:
     for step in range(8):
         got = sampling.sample_triton(row, t, k, p, seeds, zeros + step)
         ok_set &= bool(allowed.gather(1, got[:, None]).all())
+    # the Triton thresholds give the reference's very sets (64 different rows, k=50 / p=0.9)
+    tk = torch.randint(0, 200, (b,), device=dev, dtype=torch.int32)
+    tp = torch.rand(b, device=dev) * 0.5 + 0.5
+    _, thresh = sampling.sample_triton(logits, t, tk, tp, seeds, zeros, return_threshold=True)
+    bits = (logits / t[:, None]).view(torch.int32)
+    key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
+    same_rows = int(((key >= thresh[:, None]) == sampling.allowed_mask_ref(logits, t, tk, tp)).all(-1).sum())
+    ok_set &= same_rows == b
     small = torch.tensor([1.0, 0.5, 0.0, -1.0, 2.0, 0.3, -0.5, 1.5], device=dev)
     n = 20000
     draws = sampling.sample_triton(small.repeat(n, 1), torch.full((n,), 0.8, device=dev),
@@ -186,7 +194,7 @@ def check(K, dev) -> list[dict]:
         ok_sync = False
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    for name, ok, detail in (("greedy==argmax", ok_greedy, ""), ("top-k/top-p set exact", ok_set, ""),
+    for name, ok, detail in (("greedy==argmax", ok_greedy, ""), ("top-k/top-p set exact", ok_set, f"rows with the reference's set: {same_rows}/{b}"),
                              ("chi2(df=7) < 24.32", chi2 < 24.32, f"chi2={chi2:.2f}"),
                              ("no host sync", ok_sync, "")):
         results.append({"op": "sample", "shape": name, "ok": bool(ok), "detail": detail})

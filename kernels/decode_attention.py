@@ -97,11 +97,11 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _num_splits(batch: int, hk: int, max_len: int, device: torch.device) -> int:
-    # Enough programs for ~2 waves over the SMs, but chunks of >= 256 tokens of the longest
+    # Enough programs for ~2 waves over the SMs, but chunks of >= 128 tokens of the longest
     # possible sequence (the table width; seq_lens stays on the device, no sync). Short
     # sequences in a wide table simply leave their tail splits empty.
     want = triton.cdiv(2 * _sm_count(device), batch * hk)
-    return max(1, min(want, triton.cdiv(max_len, 256), 64))
+    return max(1, min(want, triton.cdiv(max_len, 128), 64))
 
 
 def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
