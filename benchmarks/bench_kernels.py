@@ -172,8 +172,18 @@ def check(K, dev) -> list[dict]:
     _, thresh = sampling.sample_triton(logits, t, tk, tp, seeds, zeros, return_threshold=True)
     bits = (logits / t[:, None]).view(torch.int32)
     key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
-    same_rows = int(((key >= thresh[:, None]) == sampling.allowed_mask_ref(logits, t, tk, tp)).all(-1).sum())
-    ok_set &= same_rows == b
+    ref_sets = sampling.allowed_mask_ref(logits, t, tk, tp)
+    differ = (key >= thresh[:, None]) != ref_sets
+    same_rows = int((~differ).all(-1).sum())
+    # A differing token must sit on a top-p boundary blurred by fp32 summation order: the
+    # mass of the tokens above it (float64) within 1e-4 of top_p. Anything else is a bug.
+    x64 = (logits / t[:, None]).double()
+    probs = torch.softmax(x64.masked_fill(~sampling.allowed_mask_ref(logits, t, tk, torch.ones_like(tp)),
+                                          float("-inf")), -1)
+    rows, cols = differ.nonzero(as_tuple=True)
+    above = [float(probs[r][x64[r] > x64[r, c]].sum()) for r, c in zip(rows.tolist(), cols.tolist())]
+    worst = max([abs(a - float(tp[r])) for a, r in zip(above, rows.tolist())], default=0.0)
+    ok_set &= worst < 1e-4
     small = torch.tensor([1.0, 0.5, 0.0, -1.0, 2.0, 0.3, -0.5, 1.5], device=dev)
     n = 20000
     draws = sampling.sample_triton(small.repeat(n, 1), torch.full((n,), 0.8, device=dev),
@@ -194,7 +204,9 @@ def check(K, dev) -> list[dict]:
         ok_sync = False
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    for name, ok, detail in (("greedy==argmax", ok_greedy, ""), ("top-k/top-p set exact", ok_set, f"rows with the reference's set: {same_rows}/{b}"),
+    for name, ok, detail in (("greedy==argmax", ok_greedy, ""),
+                             ("top-k/top-p set exact", ok_set, f"rows with the reference's set: {same_rows}/{b}; "
+                              f"differing tokens' |mass above - top_p| <= {worst:.2g}"),
                              ("chi2(df=7) < 24.32", chi2 < 24.32, f"chi2={chi2:.2f}"),
                              ("no host sync", ok_sync, "")):
         results.append({"op": "sample", "shape": name, "ok": bool(ok), "detail": detail})
@@ -222,7 +234,8 @@ def bench(K, dev, use_compile: bool, budget: float, json_path: str | None, repor
         t_comp = None
         if use_compile and time.time() - start < budget:
             try:
-                fn = compiled.setdefault(op, torch.compile(ref))
+                # sample_ref's gathers break inductor's dynamic-shape codegen (torch 2.11): static
+                fn = compiled.setdefault(op, torch.compile(ref, dynamic=False if op == "sample" else None))
                 t_comp = do_bench(lambda: fn(*args), warmup=5, rep=25, return_mode="median") * 1e3
             except Exception as e:                          # a reference torch.compile cannot take
                 print(f"  (torch.compile failed for {op}: {type(e).__name__}: {str(e)[:120]})", flush=True)

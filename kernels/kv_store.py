@@ -29,9 +29,11 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
     """Triton `store_kv_ref`; no host synchronisation. k/v may be strided views (e.g. of a fused qkv)."""
     t, hk, d = k.shape
     if v.shape != k.shape or k.stride(-1) != 1 or v.stride(-1) != 1:
-        raise ValueError(f"store_kv: k, v must be [T, Hk, D] with unit stride on D, got {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(f"store_kv: k, v must be [T, Hk, D] with unit stride on D, "
+                         f"got {tuple(k.shape)}, {tuple(v.shape)}")
     if k_cache.ndim != 4 or k_cache.shape[2:] != (hk, d) or v_cache.shape != k_cache.shape:
-        raise ValueError(f"store_kv: caches must be [NB, BS, {hk}, {d}], got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+        raise ValueError(f"store_kv: caches must be [NB, BS, {hk}, {d}], "
+                         f"got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("store_kv: k_cache and v_cache must be contiguous")
     if slot_mapping.shape != (t,):

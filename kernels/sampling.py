@@ -26,6 +26,14 @@ def _ordered(x):
     return tl.where(b < 0, b ^ 0x7FFFFFFF, b)
 
 
+@triton.jit
+def _scaled(base, cols, end, t):
+    # x = logit / T by IEEE division (fp32 `/` may be approximate on GPU): x is then
+    # bit-identical with torch's, so the thresholds select exactly the reference's sets
+    z = tl.load(base + cols, mask=cols < end, other=float("-inf")).to(tl.float32)
+    return tl.math.div_rn(z, tl.zeros_like(z) + t)
+
+
 @triton.jit(do_not_specialize=["step"])
 def _search_kernel(logits_ptr, stride, V, temp_ptr, topk_ptr, topp_ptr, part_max_ptr, part_idx_ptr, zpart_ptr,
                    state_ptr, kfinal_ptr, acc_ptr, B, C, step,
@@ -72,7 +80,8 @@ def _search_kernel(logits_ptr, stride, V, temp_ptr, topk_ptr, topp_ptr, part_max
             tl.store(part_idx_ptr + row * C + c, best_i)
 
     if active:
-        m = tl.max(tl.load(part_max_ptr + row * C + cs, mask=cs < C, other=float("-inf")), axis=0) / t
+        top = tl.max(tl.load(part_max_ptr + row * C + cs, mask=cs < C, other=float("-inf")), axis=0)
+        m = tl.math.div_rn(top, t)                                    # the largest x, exactly
         if step == 0:
             lo = tl.full([], -2147483648, tl.int64)
             hi = tl.full([], 2147483648, tl.int64)
@@ -103,24 +112,25 @@ def _search_kernel(logits_ptr, stride, V, temp_ptr, topk_ptr, topp_ptr, part_max
                 zc = tl.zeros([BLOCK], tl.float32)
                 for c0 in range(start, end, BLOCK):
                     cols = c0 + cols0
-                    x = tl.load(base + cols, mask=cols < end, other=float("-inf")).to(tl.float32) / t
+                    x = _scaled(base, cols, end, t)
                     zc += tl.where(_ordered(x).to(tl.int64) >= lo, tl.exp(x - m), 0.0)
                 tl.store(zpart_ptr + row * C + c, tl.sum(zc, axis=0))
         if hi - lo > 1:
             cand = (lo + (hi - lo) * j // NC).to(tl.int32)               # [NC], all in [lo, hi)
+            # [NC, BLOCK] running totals, reduced across lanes once per chunk (not per tile)
             if TOP_P:
-                acc = tl.zeros([NC], tl.float32)
+                acc = tl.zeros([NC, BLOCK], tl.float32)
             else:
-                acc = tl.zeros([NC], tl.int32)
+                acc = tl.zeros([NC, BLOCK], tl.int32)
             for c0 in range(start, end, BLOCK):
                 cols = c0 + cols0
-                x = tl.load(base + cols, mask=cols < end, other=float("-inf")).to(tl.float32) / t
+                x = _scaled(base, cols, end, t)
                 hit = (_ordered(x)[None, :] >= cand[:, None]) & (cols < end)[None, :]
                 if TOP_P:
-                    acc += tl.sum(tl.where(hit, tl.exp(x - m)[None, :], 0.0), axis=1)
+                    acc += tl.where(hit, tl.exp(x - m)[None, :], 0.0)
                 else:
-                    acc += tl.sum(hit.to(tl.int32), axis=1)
-            tl.store(acc_ptr + ((dst * B + row) * C + c) * NC + j, acc)
+                    acc += hit.to(tl.int32)
+            tl.store(acc_ptr + ((dst * B + row) * C + c) * NC + j, tl.sum(acc, axis=1))
 
 
 @triton.jit
@@ -150,7 +160,7 @@ def _gumbel_kernel(logits_ptr, stride, V, temp_ptr, topk_ptr, topp_ptr, seed_ptr
         win_i = start
         for c0 in range(start, end, BLOCK):
             cols = c0 + tl.arange(0, BLOCK)
-            x = tl.load(base + cols, mask=cols < end, other=float("-inf")).to(tl.float32) / temp
+            x = _scaled(base, cols, end, temp)
             keep = (_ordered(x).to(tl.int64) >= thresh) & (cols < end)
             r = tl.randint(seed, (step << 32) + cols.to(tl.int64)).to(tl.uint32, bitcast=True)
             u = ((r >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07     # (0, 1), 23 bits, never 0 or 1

@@ -149,7 +149,8 @@ def test_dispatcher_routes_sample(monkeypatch):
     assert torch.equal(K.sample(logits, *args), sampling.sample_triton(logits, *args))
     monkeypatch.setenv("SLOTSERVE_KERNELS", "torch")
     assert torch.equal(K.sample(logits, *args), sampling.sample_ref(logits, *args))
-    assert torch.equal(K.sample(logits, *args[:4]), sampling.sample_ref(logits, *args[:4], torch.zeros(4).long()))
+    zero = torch.zeros(4, dtype=torch.int64, device=DEVICE)
+    assert torch.equal(K.sample(logits, *args[:4]), sampling.sample_ref(logits, *args[:4], zero))
 
 
 @pytest.mark.gpu
