@@ -301,13 +301,15 @@ if _serve is not None:
 def build_app(args: dict | None = None):
     """Application builder: `serve.run(build_app({...}))` or `serve deploy` with
     import_path slotserve.app:build_app. `args` are Settings fields plus optional
-    num_replicas / autoscaling_config / num_gpus / num_cpus / name."""
+    num_replicas / autoscaling_config / max_replicas_per_node / num_gpus / num_cpus."""
     args = dict(args or {})
     opts: dict[str, Any] = {}
     if "num_replicas" in args:
         opts["num_replicas"] = args.pop("num_replicas")
     if "autoscaling_config" in args:
         opts["autoscaling_config"] = args.pop("autoscaling_config")
+    if "max_replicas_per_node" in args:
+        opts["max_replicas_per_node"] = args.pop("max_replicas_per_node")
     actor_opts = {"num_cpus": args.pop("num_cpus", 0)}
     if (gpus := args.pop("num_gpus", None)) is not None:
         actor_opts["num_gpus"] = gpus

@@ -130,7 +130,7 @@ class Replica:
         self.settings = settings
         self.controller = controller
         self.id = replica_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.node = socket.gethostname()
+        self.node = _node_id()
         if mgr is None:
             mgr = _make_manager(settings, on_oom=self._on_oom)
         elif hasattr(mgr, "on_oom"):
@@ -398,6 +398,16 @@ class Replica:
         self.outbox.append(ev)
         if len(self.outbox) > MAX_OUTBOX:
             del self.outbox[: len(self.outbox) - MAX_OUTBOX]
+
+
+def _node_id() -> str:
+    try:
+        import ray
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()[:12]
+    except Exception:
+        pass
+    return socket.gethostname()
 
 
 def _make_manager(settings: Settings, on_oom=None):
