@@ -51,7 +51,7 @@ class DecodeGraphs:
         self.out: dict[int, torch.Tensor] = {}
         pool = None
         for bs in reversed(self.sizes):
-            meta = StepMeta(False, self.slots[:bs], block_tables=self.tables[:bs], seq_lens=self.lens[:bs])
+            meta = StepMeta(bs, self.slots[:bs], block_tables=self.tables[:bs], seq_lens=self.lens[:bs])
             model.logits(*model.forward(self.ids[:bs], self.pos[:bs], meta))  # warm-up: compiles kernels
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()

@@ -226,7 +226,8 @@ class Engine:
         self._closed = False
         self._next_id = 0
         self._rng = random.Random()
-        self._counts = {"submitted": 0, "finished": 0, "errors": 0, "steps": 0, "prefill_steps": 0}
+        self._counts = {"submitted": 0, "finished": 0, "errors": 0, "steps": 0, "prefill_steps": 0,
+                        "mixed_steps": 0}
         self._thread = threading.Thread(target=self._loop, name="slotserve-engine-step", daemon=True)
         self._thread.start()
 
@@ -420,7 +421,8 @@ class Engine:
                 continue
             with self._cond:
                 self._counts["steps"] += 1
-                self._counts["prefill_steps"] += batch.kind == "prefill"
+                self._counts["prefill_steps"] += batch.kind != "decode"   # steps carrying prompt chunks
+                self._counts["mixed_steps"] += batch.kind == "mixed"      # ... alongside decode rows
                 sampled, row = {}, 0
                 for i, samples in enumerate(batch.samples):
                     if samples:

@@ -11,7 +11,7 @@ fallback (which keeps its own cache but still budgets tokens) share it.
 
 from __future__ import annotations
 
-from collections import deque
+import heapq
 from dataclasses import dataclass
 
 import torch
@@ -23,14 +23,18 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 
 
 class BlockAllocator:
-    """Free list of block ids. Blocks are handed out FIFO so reuse spreads over the pool."""
+    """Free blocks, lowest id first, and the block right after a sequence's last when free.
+
+    Preferring low ids and the next id keeps a sequence's blocks consecutive most of the
+    time, which lets the CPU decode path read its K/V as a view instead of gathering.
+    """
 
     def __init__(self, num_blocks: int, block_size: int):
         assert num_blocks > 0 and block_size > 0
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
-        self._used: set[int] = set()
+        self._heap = list(range(num_blocks))     # may hold stale ids (taken by allocate_after)
+        self._free: set[int] = set(self._heap)
 
     @property
     def num_free(self) -> int:
@@ -43,18 +47,34 @@ class BlockAllocator:
     def can_allocate(self, n: int) -> bool:
         return n <= len(self._free)
 
+    def _pop(self) -> int:
+        while True:
+            b = heapq.heappop(self._heap)
+            if b in self._free:
+                self._free.remove(b)
+                return b
+
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise RuntimeError(f"KV pool exhausted: asked {n} blocks, {len(self._free)} free")
-        out = [self._free.popleft() for _ in range(n)]
-        self._used.update(out)
-        return out
+        return [self._pop() for _ in range(n)]
+
+    def allocate_after(self, prev: int | None) -> int:
+        """One block, `prev + 1` when that one is free."""
+        if not self._free:
+            raise RuntimeError("KV pool exhausted: asked 1 block, 0 free")
+        if prev is not None and prev + 1 in self._free:
+            self._free.remove(prev + 1)
+            return prev + 1
+        return self._pop()
 
     def free(self, blocks: list[int]) -> None:
         for b in blocks:
-            assert b in self._used, f"double free of block {b}"
-            self._used.remove(b)
-            self._free.append(b)
+            assert 0 <= b < self.num_blocks and b not in self._free, f"double free of block {b}"
+            self._free.add(b)
+            heapq.heappush(self._heap, b)
+        if len(self._heap) > 4 * self.num_blocks:   # drop stale entries now and then
+            self._heap = sorted(self._free)
         blocks.clear()
 
 

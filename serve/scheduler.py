@@ -1,10 +1,10 @@
 """Continuous batching: which sequences run in the next step, and what happens after it.
 
-One step is either a *prefill* step (prompt tokens of one or more sequences, capped at
-`max_prefill_tokens` in total, long prompts split into chunks over several steps) or a
-*decode* step (one token for every running sequence whose prompt is done). When both
-kinds of work exist the steps alternate, so a new long prompt stalls running streams
-for at most one capped prefill step at a time.
+One step carries a decode row (one token) for every running sequence whose prompt is
+done, plus prefill chunks of other sequences' prompts, at most `max_prefill_tokens`
+prompt tokens per step (long prompts are split over several steps). So a new long
+prompt never stalls running streams for more than one capped step, and on hardware
+where large matmuls are cheaper per row (CPU, and GPU prefill) decode rows ride along.
 
 Memory rules (the pool is `BlockAllocator`):
 - admission is FIFO and reserves the blocks for the whole (remaining) prompt, so a
@@ -72,14 +72,21 @@ class Sequence:
 class Batch:
     """One model step: for each sequence the token range [start, end) to compute.
 
-    A row samples a token when its range reaches the end of the sequence (`samples[i]`).
-    For decode, start = num_cached and end = start + 1 for every row.
+    The first `num_decode` rows are decode rows (one token: start = num_cached); the rest
+    are prefill chunks. A row samples a token when its range reaches the end of the
+    sequence (`samples[i]`): every decode row, and a prefill chunk that ends its prompt.
     """
 
-    kind: str                          # "prefill" | "decode"
     seqs: list[Sequence]
     starts: list[int]
     ends: list[int]
+    num_decode: int = 0
+
+    @property
+    def kind(self) -> str:
+        if self.num_decode == len(self.seqs):
+            return "decode"
+        return "prefill" if self.num_decode == 0 else "mixed"
 
     @property
     def samples(self) -> list[bool]:
@@ -109,7 +116,6 @@ class Scheduler:
         self.on_release = on_release or (lambda seq: None)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []      # admission order
-        self._last_kind = "decode"
         self.num_preemptions = 0
 
     # --- queue -------------------------------------------------------------------------
@@ -151,28 +157,44 @@ class Scheduler:
 
     # --- scheduling ----------------------------------------------------------------------
     def schedule(self) -> Batch | None:
-        decodable = any(s.in_decode for s in self.running)
-        want_prefill = bool(self.waiting) or any(s.num_cached < len(s) - 1 for s in self.running)
-        if want_prefill and (not decodable or self._last_kind == "decode"):
-            batch = self._schedule_prefill()
-            if batch is not None:
-                self._last_kind = "prefill"
-                return batch
-        if decodable:
-            batch = self._schedule_decode()
-            if batch is not None:
-                self._last_kind = "decode"
-                return batch
-        return None
+        """Every decode-ready sequence gets a row, then prefill chunks fill `max_prefill_tokens`.
 
-    def _schedule_prefill(self) -> Batch | None:
-        budget = self.max_prefill_tokens
+        Mixing them in one step (as vLLM and Sarathi-Serve do) keeps running streams moving
+        while prompts are prefilled, and lets decode rows ride on the prefill's large matmuls.
+        """
         seqs, starts, ends = [], [], []
+        self._schedule_decode(seqs, starts, ends)
+        num_decode = len(seqs)
+        self._schedule_prefill(seqs, starts, ends)
+        if not seqs:
+            return None
+        return Batch(seqs, starts, ends, num_decode)
+
+    def _schedule_decode(self, seqs, starts, ends) -> None:
+        todo = deque(self.running)
+        while todo:
+            seq = todo.popleft()
+            if not seq.in_decode:
+                continue
+            if seq.num_cached == len(seq.block_table) * self.block_size:   # needs a new block
+                while not self.alloc.can_allocate(1):
+                    # Preempt the newest sequence not yet scheduled; if none is left, this one.
+                    victim = todo.pop() if todo else seq
+                    self._preempt(victim)
+                    if victim is seq:
+                        break
+                if seq.status is not SeqStatus.RUNNING:
+                    continue
+                seq.block_table.append(self.alloc.allocate_after(seq.block_table[-1] if seq.block_table else None))
+            seqs.append(seq), starts.append(seq.num_cached), ends.append(seq.num_cached + 1)
+
+    def _schedule_prefill(self, seqs, starts, ends) -> None:
+        budget = self.max_prefill_tokens
         # 1) sequences admitted earlier whose prompt is still being prefilled (chunked)
         for seq in self.running:
             if budget == 0:
                 break
-            if seq.num_cached < len(seq) - 1:  # (== len-1 is a plain decode row)
+            if seq.num_cached < len(seq) - 1:  # (== len-1 is a decode row)
                 n = min(len(seq) - seq.num_cached, budget)
                 seqs.append(seq), starts.append(seq.num_cached), ends.append(seq.num_cached + n)
                 budget -= n
@@ -189,33 +211,6 @@ class Scheduler:
             n = min(len(seq), budget)
             seqs.append(seq), starts.append(0), ends.append(n)
             budget -= n
-        if not seqs:
-            return None
-        return Batch("prefill", seqs, starts, ends)
-
-    def _schedule_decode(self) -> Batch | None:
-        todo = deque(self.running)
-        scheduled: list[Sequence] = []
-        while todo:
-            seq = todo.popleft()
-            if not seq.in_decode:
-                continue
-            need_block = seq.num_cached == len(seq.block_table) * self.block_size
-            if need_block:
-                while not self.alloc.can_allocate(1):
-                    # Preempt the newest sequence not yet scheduled; if none is left, this one.
-                    victim = todo.pop() if todo else seq
-                    self._preempt(victim)
-                    if victim is seq:
-                        break
-                if seq.status is not SeqStatus.RUNNING:
-                    continue
-                seq.block_table.extend(self.alloc.allocate(1))
-            scheduled.append(seq)
-        if not scheduled:
-            return None
-        starts = [s.num_cached for s in scheduled]
-        return Batch("decode", scheduled, starts, [x + 1 for x in starts])
 
     # --- after the step ----------------------------------------------------------------------
     def postprocess(self, batch: Batch, sampled: dict[int, int]) -> list[tuple[Sequence, int | None]]:

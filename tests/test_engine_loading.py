@@ -183,3 +183,8 @@ def test_block_allocator():
     assert a.num_free == 4 and got == []
     with pytest.raises(AssertionError, match="double free"):
         a.free([0])
+    # lowest ids first, and the block after a sequence's last when free (keeps tables consecutive)
+    first = a.allocate(2)
+    assert first == [0, 1] and a.allocate_after(1) == 2
+    other = a.allocate(1)
+    assert a.allocate_after(2) == 4 and other == [3]
