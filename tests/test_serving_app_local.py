@@ -138,3 +138,34 @@ def test_bad_input_is_a_4xx_openai_error(env):
             rep.mgr.close()
 
     asyncio.run(go())
+
+
+def test_overload_is_429_with_retry_after(env):
+    root, store = env
+
+    async def go():
+        ctl = SlotController(str(root), app="local-429", bundle="demo:1")
+        rep = Replica(Settings(store=str(root), app="local-429", max_inflight=1), LocalController(ctl),
+                      replica_id="r429")
+        await rep.start()
+        c = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(rep)), base_url="http://t", timeout=60)
+        try:
+            body = {"model": "demo", "messages": [{"role": "user", "content": "x"}], "max_tokens": 200,
+                    "temperature": 1.0}
+            first = asyncio.create_task(c.post("/v1/chat/completions", json=body))
+            for _ in range(200):
+                if rep.handler.inflight:
+                    break
+                await asyncio.sleep(0.005)
+            r = await c.post("/v1/chat/completions", json=body)
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            assert r.json()["error"]["type"] == "rate_limit_error"
+            assert (await first).status_code == 200
+            r = await c.post("/v1/chat/completions", json={**body, "max_tokens": 2})
+            assert r.status_code == 200  # capacity is back
+        finally:
+            await c.aclose()
+            await rep.stop()
+            rep.mgr.close()
+
+    asyncio.run(go())
