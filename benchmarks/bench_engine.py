@@ -208,6 +208,12 @@ def main() -> int:
     max_batch = 64
     torch.set_grad_enabled(False)
 
+    def save():  # after every section, so a run cut short still leaves its numbers
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=2)
+                f.write("\n")
+
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
               "torch": torch.__version__, "threads": torch.get_num_threads(), "model_size": size,
               "dtype": str(dtype).removeprefix("torch."), "config": SIZES[size]}
@@ -231,6 +237,7 @@ def main() -> int:
         print(f"batch 1: decode {b1['engine']['decode_tok_s']:.1f} vs {b1['transformers']['decode_tok_s']:.1f} tok/s "
               f"({b1['decode_ratio']:.2f}x); TTFT {b1['engine']['ttft_s'] * 1e3:.1f} vs "
               f"{b1['transformers']['ttft_s'] * 1e3:.1f} ms", flush=True)
+        save()
         if device.type == "cuda":
             bw = args.peak_bw or peak_bandwidth(report["device"])
             if bw:
@@ -239,6 +246,7 @@ def main() -> int:
                                        "achieved_bytes_s": used, "fraction_of_peak": used / bw}
                 print(f"batch-1 decode at {100 * used / bw:.1f}% of {bw / 1e12:.2f} TB/s "
                       f"({mem.weight_bytes / 1e9:.2f} GB of weights per token)", flush=True)
+                save()
 
         report["concurrent"] = []
         for n in ([16] if args.quick else [16, 64]):
@@ -249,12 +257,10 @@ def main() -> int:
                   f"{c['transformers_static']['tok_s']:.1f} ({c['throughput_ratio']:.2f}x); TTFT median "
                   f"{c['engine']['ttft_median_s'] * 1e3:.0f} vs {c['transformers_static']['ttft_median_s'] * 1e3:.0f} ms",
                   flush=True)
+            save()
         report["engine_stats"] = eng.stats()
         eng.close()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+    save()
     return 0
 
 

@@ -391,6 +391,8 @@ class Engine:
 
     # ------------------------------------------------------------------------------ step loop
     def _loop(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # Triton launches on the thread's current device
         while True:
             with self._cond:
                 while not self._closed and not self.scheduler.has_work():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from slotserve.engine import Engine, SamplingParams
 
@@ -29,7 +29,8 @@ def _save(cls, cfg, path):
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
 def tiny(request, tmp_path_factory):
     common = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, initializer_range=0.2)
+                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, initializer_range=0.2,
+                  bos_token_id=None, eos_token_id=None)
     path = tmp_path_factory.mktemp(request.param)
     if request.param == "llama":
         model = _save(LlamaForCausalLM, LlamaConfig(**common), path)
@@ -39,10 +40,10 @@ def tiny(request, tmp_path_factory):
 
 
 def test_fp32_cuda_graphs_match_transformers_and_eager(tiny):
-    model, path = tiny
-    model = model.cuda()
+    _, path = tiny
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
     refs = [model.generate(torch.tensor([p], device="cuda"), do_sample=False, max_new_tokens=24,
-                           min_new_tokens=24, pad_token_id=0)[0, len(p):].tolist() for p in PROMPTS]
+                           pad_token_id=0)[0, len(p):].tolist() for p in PROMPTS]
     with Engine.from_pretrained(path, device="cuda", dtype="float32", max_batch=8) as eng:
         assert eng.runner.graphs is not None, "decode graphs were not captured"
         graphed = eng.generate(PROMPTS, GREEDY)
@@ -58,8 +59,8 @@ def test_fp32_cuda_graphs_match_transformers_and_eager(tiny):
 def test_bf16_logits_close_to_transformers(tiny):
     # bf16 rounds at different points than HF (fused norms, fp32 rope); compare logits at a
     # tolerance of a few bf16 ulps of the logit scale rather than exact tokens.
-    model, path = tiny
-    hf = model.to("cuda", torch.bfloat16)
+    _, path = tiny
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     seen = []
     with Engine.from_pretrained(path, device="cuda", dtype="bfloat16") as eng:
         eng.logits_hook = lambda x: seen.append(x.clone())
