@@ -70,7 +70,7 @@ def batch1(eng, model, prompt, n, repeats, device):
     ids = torch.tensor([prompt], device=device)
     eng.generate([prompt], sp)                                  # warm-up
     model.generate(ids, do_sample=False, max_new_tokens=4, pad_token_id=0)
-    e_ttft, e_dec, h_ttft, h_dec, e_e2e, h_e2e = [], [], [], [], [], []
+    e_ttft, e_dec, h_ttft, h_dec, e_e2e, h_e2e, agree = [], [], [], [], [], [], []
     for _ in range(repeats):
         h = eng.submit(prompt, sp)
         h.result()
@@ -87,11 +87,14 @@ def batch1(eng, model, prompt, n, repeats, device):
             sync(device)
             t2 = time.perf_counter()
         assert out.shape[1] == len(prompt) + n
+        ref = out[0, len(prompt):].tolist()   # greedy agreement (bf16 may drift after a while)
+        agree.append(next((i for i, (a, b) in enumerate(zip(h.output_ids, ref)) if a != b), n))
         h_ttft.append(t1 - t0)
         h_dec.append((n - 1) / ((t2 - t1) - (t1 - t0)))
         h_e2e.append(n / (t2 - t1))
     med = statistics.median
     res = {"prompt_tokens": len(prompt), "new_tokens": n, "repeats": repeats,
+           "greedy_tokens_identical_to_transformers": min(agree),
            "engine": {"ttft_s": med(e_ttft), "decode_tok_s": med(e_dec), "e2e_tok_s": med(e_e2e)},
            "transformers": {"ttft_s": med(h_ttft), "decode_tok_s": med(h_dec), "e2e_tok_s": med(h_e2e)}}
     res["decode_ratio"] = res["engine"]["decode_tok_s"] / res["transformers"]["decode_tok_s"]
