@@ -199,6 +199,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second")
+    ap.add_argument("--concurrency", default="16,64", help="request counts of the arrival scenarios")
     ap.add_argument("--peak-bw", type=float, default=None, help="bytes/s, overrides the device table")
     args = ap.parse_args()
 
@@ -252,7 +253,7 @@ def main() -> int:
                 save()
 
         report["concurrent"] = []
-        for n in ([16] if args.quick else [16, 64]):
+        for n in ([16] if args.quick else [int(x) for x in args.concurrency.split(",") if x]):
             c = concurrent(eng, model, n, rate, repeats, vocab, max_batch, device,
                            prompt_range=(32, 256), gen_range=(32, 128) if not args.quick else (16, 48))
             report["concurrent"].append(c)
