@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -23,8 +25,18 @@ log = logging.getLogger("slotserve.slots")
 T = TypeVar("T")
 
 
-def run_in_loader_thread(fn: Callable[[], T], nice: int = 10) -> T:
-    """Run `fn` in a new low-priority thread; block until it returns; re-raise its error."""
+def run_in_loader_thread(fn: Callable[[], T], nice: int = 10, slice_s: float = 0.0005,
+                         pause_s: float = 0.0025, busy: Callable[[], bool] | None = None) -> T:
+    """Run `fn` in a new low-priority thread; block until it returns; re-raise its error.
+
+    The GIL, not the cores, is what a load steals from serving: a tiny model's decode
+    step is mostly Python, and a thread waiting for the GIL waits up to a whole switch
+    interval (5 ms). So the loader is cooperative: while `busy()` says requests are
+    running, its Python code runs at most `slice_s` before sleeping `pause_s` (a ~17%
+    duty cycle by default); when nothing is running it loads at full speed. Long C
+    calls (reading and copying tensors) release the GIL themselves and are not slowed.
+    slice_s=0 turns this off.
+    """
     box: dict = {}
 
     def target():
@@ -33,10 +45,14 @@ def run_in_loader_thread(fn: Callable[[], T], nice: int = 10) -> T:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
             except (OSError, AttributeError) as exc:  # not Linux, or forbidden: just slower
                 log.debug("could not lower loader priority: %s", exc)
+        if slice_s > 0:
+            sys.setprofile(_yielder(slice_s, pause_s, busy or (lambda: True)))  # this thread only
         try:
             box["value"] = fn()
         except BaseException as exc:  # handed to the caller below
             box["error"] = exc
+        finally:
+            sys.setprofile(None)
 
     t = threading.Thread(target=target, name="slotserve-loader", daemon=True)
     t.start()
@@ -46,15 +62,28 @@ def run_in_loader_thread(fn: Callable[[], T], nice: int = 10) -> T:
     return box["value"]
 
 
-def load_engine(bundle_path: Path, device, pool, kv_cache_tokens: int):
+def _yielder(slice_s: float, pause_s: float, busy: Callable[[], bool]):
+    clock, sleep = time.perf_counter, time.sleep
+    next_check = [clock() + slice_s]
+
+    def hook(frame, event, arg):  # called on every Python/C call and return
+        if clock() >= next_check[0]:
+            if busy():
+                sleep(pause_s)  # drops the GIL: the serving threads take it meanwhile
+            next_check[0] = clock() + slice_s
+    return hook
+
+
+def load_engine(bundle_path: Path, device, pool, kv_cache_tokens: int, enforce_eager: bool = False):
     """The bundle's engine on `device`, its weights through the shared tensor pool.
 
     kv_cache_tokens comes from the planner (serving.json rounded to blocks), so the
-    engine allocates exactly what was planned."""
+    engine allocates exactly what was planned. enforce_eager: skip CUDA graph capture,
+    which is unsafe while another engine on the device is running (see SlotManager.load)."""
     from slotserve.engine import Engine
 
     return Engine.from_pretrained(bundle_path, device=str(device), tensor_pool=pool,
-                                  kv_cache_tokens=kv_cache_tokens)
+                                  kv_cache_tokens=kv_cache_tokens, enforce_eager=enforce_eager)
 
 
 def load_tokenizer(bundle):

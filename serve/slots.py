@@ -48,7 +48,8 @@ __all__ = ["SlotManager", "Slot", "SlotRequest", "SlotsState", "SlotInfo", "OOME
 class SlotManager:
     def __init__(self, store, device: str = "cpu", memory_budget_bytes: int | None = None, *,
                  headroom_bytes: int | None = None, on_oom: Callable[[OOMEvent], None] | None = None,
-                 retry_after_s: float = 1.0, park_when_full: bool | None = None, loader_nice: int = 10):
+                 retry_after_s: float = 1.0, park_when_full: bool | None = None, loader_nice: int = 10,
+                 loader_slice_s: float = 0.0005, loader_pause_s: float = 0.0025):
         self.store = store
         dev = torch.device(device)
         if dev.type == "cuda" and dev.index is None:
@@ -61,6 +62,7 @@ class SlotManager:
         # Parking previous frees device memory only where host memory is separate.
         self.park_when_full = (dev.type == "cuda") if park_when_full is None else park_when_full
         self.loader_nice = loader_nice        # loads run at lower CPU priority than serving
+        self.loader_slice_s, self.loader_pause_s = loader_slice_s, loader_pause_s  # GIL duty cycle
         from slotserve.weights import TensorPool
 
         self.pool = TensorPool()              # identical tensors shared between slots
@@ -97,6 +99,12 @@ class SlotManager:
         `evict_previous=True` releases previous first. Blocks the caller until done.
         """
         _check_name(slot)
+        # All of it — opening, hashing, planning, building — runs in the throttled
+        # loader thread: any Python work here competes with live for the GIL.
+        return run_in_loader_thread(lambda: self._load(ref, slot, evict_previous), self.loader_nice,
+                                    self.loader_slice_s, self.loader_pause_s, self._serving)
+
+    def _load(self, ref: str, slot: str, evict_previous: bool) -> Slot:
         with self._mem_lock:
             if self.get(slot) is not None:
                 raise SlotError(f"slot {slot} already holds {self.get(slot).ref}; release it first "
@@ -121,19 +129,24 @@ class SlotManager:
                 need = estimate(bundle, device=str(self.device), shared=self._shared_fn(bundle),
                                 headroom_bytes=self.headroom_bytes)
                 plan(need, self.device_memory(), self._held())
+            # CUDA graph capture (in Engine.from_pretrained) runs in global capture mode on
+            # the legacy default stream, so another engine's step during it fails ("operation
+            # not permitted when stream is capturing"). Until the engine captures thread-
+            # locally on its own stream, only a load with no other engine running captures.
+            eager = self.device.type == "cuda" and bool(self._all_slots())
             injector = FaultInjector(faults, bundle.digest)
             cfg, serving = _json(bundle.path / "model" / "config.json"), bundle.serving
             try:
                 def build():
                     injector.on_load()  # faults.oom_after == 0 drills an OOM right here
                     eng = load_engine(bundle.path, self.device, self.pool,
-                                      kv_tokens(cfg, serving, str(self.device)))
+                                      kv_tokens(cfg, serving, str(self.device)), eager)
                     try:
-                        return eng, load_tokenizer(bundle)
+                        return eng, self._same_tokenizer(bundle) or load_tokenizer(bundle)
                     except BaseException:
                         eng.close()
                         raise
-                engine, tokenizer = run_in_loader_thread(build, self.loader_nice)
+                engine, tokenizer = build()
             except torch.OutOfMemoryError as exc:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -154,6 +167,26 @@ class SlotManager:
 
     async def load_async(self, ref: str, slot: str = "candidate", evict_previous: bool = False) -> Slot:
         return await asyncio.to_thread(self.load, ref, slot, evict_previous)
+
+    def _serving(self) -> bool:
+        """Whether any slot has requests running (the loader throttles itself then)."""
+        try:
+            return any(s._inflight for s in list(self._slots.values()))
+        except RuntimeError:  # the table changed under us: assume busy
+            return True
+
+    def _same_tokenizer(self, bundle):
+        """A resident slot's tokenizer when the bundle's tokenizer/ files are byte-identical
+        (most new versions keep their tokenizer): saves its memory and load time. Safe to
+        share: the serving layer already uses one tokenizer from many requests at once."""
+        mine = {r: e for r, e in bundle.manifest.files.items() if r.startswith("tokenizer/")}
+        if not mine:
+            return None
+        for s in self._all_slots():
+            theirs = {r: e for r, e in s.bundle.manifest.files.items() if r.startswith("tokenizer/")}
+            if theirs == mine and s.tokenizer is not None:
+                return s.tokenizer
+        return None
 
     def _shared_fn(self, bundle):
         """Which of `bundle`'s tensors the pool already holds: same weight file, config and
@@ -192,9 +225,10 @@ class SlotManager:
                 live.name = "previous"
             if dropped is not None:
                 self._retire_locked(dropped)
-        self._close_if_idle(dropped)
+        took = time.perf_counter() - t0
+        self._close_if_idle(dropped, wait=False)
         return Swap("promote", cand.ref, live.ref if live else None,
-                    dropped.ref if dropped else None, time.perf_counter() - t0)
+                    dropped.ref if dropped else None, took)
 
     def rollback(self, reason: str = "") -> Swap:
         """previous -> live and live -> previous: a pointer swap, no reload.
@@ -222,7 +256,7 @@ class SlotManager:
             else:
                 del self._slots["previous"]
         took = time.perf_counter() - t0
-        log.warning("rollback to %s in %.3f ms (%s)", prev.ref, took * 1e3, reason or "no reason given")
+        log.info("rollback to %s in %.3f ms (%s)", prev.ref, took * 1e3, reason or "no reason given")
         return Swap("rollback", prev.ref, live.ref if live else None, None, took, reason)
 
     def release(self, slot: str) -> str | None:
@@ -233,7 +267,7 @@ class SlotManager:
             s = self._slots.pop(slot, None)
             if s is not None:
                 self._retire_locked(s)
-        self._close_if_idle(s)
+        self._close_if_idle(s, wait=True)
         return s.ref if s else None
 
     def _retire_locked(self, s: Slot) -> None:
@@ -242,13 +276,19 @@ class SlotManager:
             if s._inflight:
                 self._draining.append(s)
 
-    def _close_if_idle(self, s: Slot | None) -> None:
+    def _close_if_idle(self, s: Slot | None, wait: bool) -> None:
+        """Close a retired slot's engine unless requests still run on it (then its last
+        request does). wait=True: before returning, so the memory is free (release);
+        wait=False: in the background, so a swap or the event loop never waits on it."""
         if s is None:
             return
         with s._cv:
             idle = s._inflight == 0
-        if idle:
-            s.close()  # now, so the memory is free when release() returns
+        if idle and wait:
+            run_in_loader_thread(s.close, self.loader_nice, self.loader_slice_s,
+                                 self.loader_pause_s, self._serving)
+        elif idle:
+            threading.Thread(target=s.close, name="slotserve-slot-close", daemon=True).start()
         with self._lock:
             self._draining = [d for d in self._draining if not d.engine.closed]
 
@@ -283,7 +323,8 @@ class SlotManager:
             plan(need, self.device_memory(), self._held())
             s.tier = "moving"
             try:
-                n = tiers.unpark(s.engine, s.parked)
+                others = [o for o in self._all_slots() if o is not s]
+                n = tiers.unpark(s.engine, s.parked, recapture=not others)  # see load(): capture
             except BaseException:
                 s.tier = "host"
                 raise
@@ -338,7 +379,7 @@ class SlotManager:
                 self._slots.pop("candidate")
                 self._retire_locked(s)
         if first:
-            self._close_if_idle(s)
+            self._close_if_idle(s, wait=False)  # on the event loop: never block it
             self._fire(self._oom_event("candidate", s.ref, s.digest, "request", exc))
         log.warning("candidate %s out of memory; request retried on live", s.ref)
         try:

@@ -95,8 +95,9 @@ def park(engine, keep: set[tuple[int, str]]) -> Parked:
     return Parked(frozenset(moved), nbytes, layout, had_graphs)
 
 
-def unpark(engine, parked: Parked) -> int:
-    """Copy parked weights back to the engine's device; new KV pool; recapture graphs."""
+def unpark(engine, parked: Parked, recapture: bool = True) -> int:
+    """Copy parked weights back to the engine's device; new KV pool; recapture graphs
+    (only when `recapture`: capturing while another engine runs is unsafe, see slots)."""
     dev = engine.device
     runner = engine.runner
 
@@ -125,7 +126,7 @@ def unpark(engine, parked: Parked) -> int:
                 p.data = back(p.data)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-        if parked.had_graphs:
+        if parked.had_graphs and recapture:
             from slotserve.cuda_graphs import DecodeGraphs
 
             runner.graphs = DecodeGraphs.try_capture(runner, engine.max_batch)

@@ -87,6 +87,8 @@ def test_dedup_bytes_and_holder_moves_when_released(store):
         w1 = {t.untyped_storage().data_ptr() for t in mgr.slot("live").engine.runner.weights()}
         w2 = {t.untyped_storage().data_ptr() for t in mgr.slot("candidate").engine.runner.weights()}
         assert w1 == w2
+        # byte-identical tokenizer files: one tokenizer object serves both
+        assert mgr.slot("candidate").tokenizer is mgr.slot("live").tokenizer is not None
         mgr.release("live")
         cand = mgr.state()["candidate"]
         assert cand.shared_bytes == 0 and cand.held_weight_bytes == cand.weight_bytes
