@@ -283,7 +283,8 @@ class LeanModel:
             qi = q[off:off + n].transpose(0, 1)                         # [Hq, n, D]
             if start == 0:   # whole prefix is in this chunk: plain causal attention
                 ki, vi = k[off:off + n].transpose(0, 1), v[off:off + n].transpose(0, 1)
-                o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=self.scale, enable_gqa=gqa)
+                o = F.scaled_dot_product_attention(qi[None], ki[None], vi[None], is_causal=True, scale=self.scale,
+                                                   enable_gqa=gqa)[0]   # 4-D: CPU flash kernel, not math
             else:            # later chunk: attend to the cached prefix + this chunk (already stored)
                 nb, bs = k_cache.shape[:2]
                 idx = table[: -(-end // bs)]
@@ -291,7 +292,8 @@ class LeanModel:
                 vi = v_cache.view(nb, -1).index_select(0, idx).view(-1, *v_cache.shape[2:])[:end].transpose(0, 1)
                 pos = torch.arange(start, end, device=q.device)[:, None]
                 mask = torch.arange(end, device=q.device)[None, :] <= pos  # [n, end]
-                o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
+                o = F.scaled_dot_product_attention(qi[None], ki[None], vi[None], attn_mask=mask, scale=self.scale,
+                                                   enable_gqa=gqa)[0]
             outs.append(o.transpose(0, 1))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
