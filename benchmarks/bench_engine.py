@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -220,7 +221,8 @@ def main() -> int:
 
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
               "torch": torch.__version__, "threads": torch.get_num_threads(), "model_size": size,
-              "dtype": str(dtype).removeprefix("torch."), "config": SIZES[size]}
+              "dtype": str(dtype).removeprefix("torch."), "config": SIZES[size],
+              "load_avg_at_start": os.getloadavg()}   # CPU runs: other work on the machine skews timings
     with tempfile.TemporaryDirectory() as tmp:
         model = build(size, device, dtype, tmp)
         report["parameters"] = sum(p.numel() for p in model.parameters())
@@ -263,6 +265,7 @@ def main() -> int:
                   flush=True)
             save()
         report["engine_stats"] = eng.stats()
+        report["load_avg_at_end"] = os.getloadavg()
         eng.close()
     save()
     return 0
