@@ -26,15 +26,16 @@ T = TypeVar("T")
 
 
 def run_in_loader_thread(fn: Callable[[], T], nice: int = 10, slice_s: float = 0.0005,
-                         pause_s: float = 0.0025, busy: Callable[[], bool] | None = None) -> T:
+                         pause_s: float = 0.005, busy: Callable[[], bool] | None = None) -> T:
     """Run `fn` in a new low-priority thread; block until it returns; re-raise its error.
 
     The GIL, not the cores, is what a load steals from serving: a tiny model's decode
     step is mostly Python, and a thread waiting for the GIL waits up to a whole switch
-    interval (5 ms). So the loader is cooperative: while `busy()` says requests are
-    running, its Python code runs at most `slice_s` before sleeping `pause_s` (a ~17%
-    duty cycle by default); when nothing is running it loads at full speed. Long C
-    calls (reading and copying tensors) release the GIL themselves and are not slowed.
+    interval (5 ms); a big model's load also competes for cores and memory bandwidth.
+    So the loader is cooperative: while `busy()` says requests are running, after each
+    `slice_s` of work (checked at every Python or C call boundary, so a long tensor copy
+    counts in full) it sleeps pause_s × (time run / slice_s): a slice/(slice+pause)
+    duty cycle (~9% by default). When nothing is running it loads at full speed.
     slice_s=0 turns this off.
     """
     box: dict = {}
@@ -64,13 +65,18 @@ def run_in_loader_thread(fn: Callable[[], T], nice: int = 10, slice_s: float = 0
 
 def _yielder(slice_s: float, pause_s: float, busy: Callable[[], bool]):
     clock, sleep = time.perf_counter, time.sleep
-    next_check = [clock() + slice_s]
+    resumed = [clock()]
 
     def hook(frame, event, arg):  # called on every Python/C call and return
-        if clock() >= next_check[0]:
+        now = clock()
+        ran = now - resumed[0]
+        if ran >= slice_s:
             if busy():
-                sleep(pause_s)  # drops the GIL: the serving threads take it meanwhile
-            next_check[0] = clock() + slice_s
+                # Pause in proportion to how long we ran (one tensor cast can take far
+                # longer than a slice), so the duty cycle holds for C work too. The
+                # sleep drops the GIL: the serving threads take it meanwhile.
+                sleep(pause_s * ran / slice_s)
+            resumed[0] = clock()
     return hook
 
 
@@ -95,3 +101,32 @@ def load_tokenizer(bundle):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tdir), trust_remote_code=False)
+
+
+def same_tokenizer(bundle, slots):
+    """A resident slot's tokenizer when the bundle's tokenizer/ files are byte-identical
+    (most new versions keep their tokenizer): saves its memory and load time. Safe to
+    share: the serving layer already uses one tokenizer from many requests at once."""
+    def tok_files(b):
+        return {r: e for r, e in b.manifest.files.items() if r.startswith("tokenizer/")}
+    mine = tok_files(bundle)
+    for s in slots if mine else ():
+        if s.tokenizer is not None and tok_files(s.bundle) == mine:
+            return s.tokenizer
+    return None
+
+
+def shared_fn(bundle, slots):
+    """-> shared(file, tensor): is that tensor already in the tensor pool? True when a
+    resident lean slot on the device loaded the same weight file with the same config
+    and serving dtype (the pool keys tensors by file sha256 + dtype + device)."""
+    files = bundle.manifest.files
+    dtype = bundle.serving.get("dtype")
+    resident = set()
+    for s in slots:
+        other = s.bundle.manifest.files
+        if s.engine.path == "lean" and s.tier == "device" and not s.engine.closed \
+                and other.get("model/config.json") == files.get("model/config.json") \
+                and s.bundle.serving.get("dtype") == dtype:
+            resident |= {rel for rel, e in other.items() if files.get(rel) == e}
+    return lambda file, tensor: f"model/{file}" in resident

@@ -31,11 +31,12 @@ from typing import Callable
 
 import torch
 
-from slotserve.faults import FaultInjector, Faults
-from slotserve.memory import MemoryPlanError, device_memory, estimate, kv_tokens, plan
+from slotserve.faults import FaultInjector, Faults, InjectedOOM
+from slotserve.memory import (LoadEstimate, MemoryPlanError, available_bytes, device_memory, estimate,
+                              kv_tokens, plan)
 from slotserve.slot import Slot, SlotRequest, SlotUnavailable
 from slotserve.slot_state import OOMEvent, Overloaded, SlotError, SlotInfo, SlotsState, Swap, account
-from slotserve.slot_loader import load_engine, load_tokenizer, run_in_loader_thread
+from slotserve.slot_loader import load_engine, load_tokenizer, run_in_loader_thread, same_tokenizer, shared_fn
 from slotserve import tiers
 
 log = logging.getLogger("slotserve.slots")
@@ -49,7 +50,7 @@ class SlotManager:
     def __init__(self, store, device: str = "cpu", memory_budget_bytes: int | None = None, *,
                  headroom_bytes: int | None = None, on_oom: Callable[[OOMEvent], None] | None = None,
                  retry_after_s: float = 1.0, park_when_full: bool | None = None, loader_nice: int = 10,
-                 loader_slice_s: float = 0.0005, loader_pause_s: float = 0.0025):
+                 loader_slice_s: float = 0.0005, loader_pause_s: float = 0.005):
         self.store = store
         dev = torch.device(device)
         if dev.type == "cuda" and dev.index is None:
@@ -114,7 +115,7 @@ class SlotManager:
             faults = Faults.from_serving(bundle.serving)   # refuse bad drills before any memory
             if evict_previous and slot != "previous":
                 self.release("previous")
-            need = estimate(bundle, device=str(self.device), shared=self._shared_fn(bundle),
+            need = estimate(bundle, device=str(self.device), shared=shared_fn(bundle, self._all_slots()),
                             headroom_bytes=self.headroom_bytes)
             try:
                 plan(need, self.device_memory(), self._held())
@@ -126,7 +127,7 @@ class SlotManager:
                             bundle.ref, prev.ref)
                 self.park("previous")
                 # previous's pool claims are gone: what was shared with it is not any more
-                need = estimate(bundle, device=str(self.device), shared=self._shared_fn(bundle),
+                need = estimate(bundle, device=str(self.device), shared=shared_fn(bundle, self._all_slots()),
                                 headroom_bytes=self.headroom_bytes)
                 plan(need, self.device_memory(), self._held())
             # CUDA graph capture (in Engine.from_pretrained) runs in global capture mode on
@@ -137,16 +138,14 @@ class SlotManager:
             injector = FaultInjector(faults, bundle.digest)
             cfg, serving = _json(bundle.path / "model" / "config.json"), bundle.serving
             try:
-                def build():
-                    injector.on_load()  # faults.oom_after == 0 drills an OOM right here
-                    eng = load_engine(bundle.path, self.device, self.pool,
-                                      kv_tokens(cfg, serving, str(self.device)), eager)
-                    try:
-                        return eng, self._same_tokenizer(bundle) or load_tokenizer(bundle)
-                    except BaseException:
-                        eng.close()
-                        raise
-                engine, tokenizer = build()
+                injector.on_load()  # faults.oom_after == 0 drills an OOM right here
+                engine = load_engine(bundle.path, self.device, self.pool,
+                                     kv_tokens(cfg, serving, str(self.device)), eager)
+                try:
+                    tokenizer = same_tokenizer(bundle, self._all_slots()) or load_tokenizer(bundle)
+                except BaseException:
+                    engine.close()
+                    raise
             except torch.OutOfMemoryError as exc:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -174,37 +173,6 @@ class SlotManager:
             return any(s._inflight for s in list(self._slots.values()))
         except RuntimeError:  # the table changed under us: assume busy
             return True
-
-    def _same_tokenizer(self, bundle):
-        """A resident slot's tokenizer when the bundle's tokenizer/ files are byte-identical
-        (most new versions keep their tokenizer): saves its memory and load time. Safe to
-        share: the serving layer already uses one tokenizer from many requests at once."""
-        mine = {r: e for r, e in bundle.manifest.files.items() if r.startswith("tokenizer/")}
-        if not mine:
-            return None
-        for s in self._all_slots():
-            theirs = {r: e for r, e in s.bundle.manifest.files.items() if r.startswith("tokenizer/")}
-            if theirs == mine and s.tokenizer is not None:
-                return s.tokenizer
-        return None
-
-    def _shared_fn(self, bundle):
-        """Which of `bundle`'s tensors the pool already holds: same weight file, config and
-        dtype as a resident lean slot (the pool's own key is the file sha256 + dtype)."""
-        files = bundle.manifest.files
-        serving_dtype = bundle.serving.get("dtype")
-        resident = set()
-        with self._lock:
-            slots = list(self._slots.values()) + list(self._draining)
-        for s in slots:
-            if s.engine.path != "lean" or s.tier != "device":
-                continue
-            other = s.bundle.manifest.files
-            if other.get("model/config.json") != files.get("model/config.json") \
-                    or s.bundle.serving.get("dtype") != serving_dtype:
-                continue
-            resident |= {rel for rel, e in other.items() if files.get(rel) == e}
-        return lambda file, tensor: f"model/{file}" in resident
 
     # ------------------------------------------------------------------ swaps
     def promote(self) -> Swap:
@@ -296,6 +264,8 @@ class SlotManager:
     def park(self, slot: str = "previous", timeout: float | None = 30.0) -> int:
         """Move `slot`'s exclusive tensors to (pinned) host memory; returns bytes moved.
         Waits for its in-flight requests; new ones are refused while it is parked."""
+        if slot == "live":
+            raise SlotError("live cannot be parked (it serves); park previous or candidate")
         with self._mem_lock:
             s = self.slot(slot)
             if s.tier == "host":
@@ -317,8 +287,6 @@ class SlotManager:
             s = self.slot(slot)
             if s.tier != "host":
                 return 0
-            from slotserve.memory import LoadEstimate
-
             need = LoadEstimate(s.parked.moved_bytes, _kv_nbytes(s.parked.kv_layout), 0)
             plan(need, self.device_memory(), self._held())
             s.tier = "moving"
@@ -390,9 +358,6 @@ class SlotManager:
 
     def _oom_event(self, slot, ref, digest, phase, exc) -> OOMEvent:
         dev = self.device_memory()
-        from slotserve.faults import InjectedOOM
-        from slotserve.memory import available_bytes
-
         held = self._held()
         ev = OOMEvent(slot=slot, ref=ref, digest=digest, phase=phase,
                       injected=isinstance(exc, InjectedOOM), error=str(exc), device=str(self.device),
@@ -417,39 +382,36 @@ class SlotManager:
         with self._lock:
             return list(self._slots.values()) + [d for d in self._draining if not d.engine.closed]
 
-    def _held(self) -> dict[str, int]:
-        """Device bytes each slot holds (shared tensors counted once, on the oldest slot)."""
+    def _accounting(self):
+        """(slots by name, draining slots, their Acc by id, device bytes held per entry)."""
         with self._lock:
             named = dict(self._slots)
             draining = [d for d in self._draining if not d.engine.closed]
         acc = account(list(named.values()) + draining, self.device)
         held = {n: acc[id(s)].device_bytes for n, s in named.items()}
         held.update({f"released {d.ref}": acc[id(d)].device_bytes for d in draining})
-        return held
+        return named, draining, acc, held
+
+    def _held(self) -> dict[str, int]:
+        """Device bytes each slot holds (shared tensors counted once, on the oldest slot)."""
+        return self._accounting()[3]
 
     def state(self) -> SlotsState:
-        with self._lock:
-            named = dict(self._slots)
-            draining = [d for d in self._draining if not d.engine.closed]
-        acc = account(list(named.values()) + draining, self.device)
+        named, draining, acc, held = self._accounting()
         infos = {}
         for n in SLOT_NAMES:
-            s = named.get(n)
-            if s is None:
-                continue
-            a = acc[id(s)]
-            infos[n] = SlotInfo(
-                name=n, ref=s.ref, digest=s.digest, tier=s.tier, held_bytes=a.held_bytes,
-                shared_bytes=a.shared_bytes, weight_bytes=a.weight_bytes, kv_bytes=a.kv_bytes,
-                faults=s.faults.as_dict(), path=s.engine.path, inflight=s.inflight,
-                load_s=round(s.load_s, 4), loaded_at=s.loaded_at)
-        dev = self.device_memory()
-        from slotserve.memory import available_bytes
-
-        held = {n: acc[id(s)].device_bytes for n, s in named.items()}
-        return SlotsState(device=str(self.device), budget_bytes=self.budget_bytes,
-                          free_bytes=available_bytes(dev, held) if (dev.free_bytes is not None or
-                                                                    dev.budget_bytes is not None) else None,
+            if (s := named.get(n)) is not None:
+                a = acc[id(s)]
+                infos[n] = SlotInfo(
+                    name=n, ref=s.ref, digest=s.digest, tier=s.tier, held_bytes=a.held_bytes,
+                    shared_bytes=a.shared_bytes, weight_bytes=a.weight_bytes, kv_bytes=a.kv_bytes,
+                    faults=s.faults.as_dict(), path=s.engine.path, inflight=s.inflight,
+                    load_s=round(s.load_s, 4), loaded_at=s.loaded_at)
+        try:
+            free = available_bytes(self.device_memory(), held)
+        except ValueError:  # nothing reports free memory and no budget is set
+            free = None
+        return SlotsState(device=str(self.device), budget_bytes=self.budget_bytes, free_bytes=free,
                           slots=infos, draining=tuple(d.ref for d in draining),
                           oom_events=len(self.events))
 
