@@ -221,7 +221,8 @@ class Engine:
         self._weight_bytes = unique_bytes(runner.weights())
         self.allocator = BlockAllocator(num_blocks_for_budget(kv_tokens, block_size), block_size)
         self.scheduler = Scheduler(self.allocator, max_batch=max_batch, max_model_len=max_model_len,
-                                   max_prefill_tokens=max_prefill_tokens, on_release=runner.release)
+                                   max_prefill_tokens=max_prefill_tokens, on_release=runner.release,
+                                   spread_blocks=runner.path == "lean" and runner.device.type == "cpu")
         self._cond = threading.Condition()
         self._closed = False
         self._next_id = 0

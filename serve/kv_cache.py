@@ -59,6 +59,28 @@ class BlockAllocator:
             raise RuntimeError(f"KV pool exhausted: asked {n} blocks, {len(self._free)} free")
         return [self._pop() for _ in range(n)]
 
+    def allocate_spread(self, n: int) -> list[int]:
+        """n consecutive blocks in the middle of the largest free run (else `allocate(n)`).
+
+        Used when admitting a prompt on the CPU path: the sequence before the run and this
+        one both keep room to grow into consecutive blocks. O(free blocks) per call.
+        """
+        if n > len(self._free):
+            raise RuntimeError(f"KV pool exhausted: asked {n} blocks, {len(self._free)} free")
+        best_start, best_len, run_start, prev = 0, 0, None, None
+        for b in sorted(self._free):
+            if prev is None or b != prev + 1:
+                run_start = b
+            prev = b
+            if b - run_start + 1 > best_len:
+                best_start, best_len = run_start, b - run_start + 1
+        if best_len < n:
+            return self.allocate(n)
+        start = best_start if best_start == 0 else best_start + (best_len - n) // 2
+        out = list(range(start, start + n))
+        self._free.difference_update(out)   # their heap entries go stale; _pop skips them
+        return out
+
     def allocate_after(self, prev: int | None) -> int:
         """One block, `prev + 1` when that one is free."""
         if not self._free:

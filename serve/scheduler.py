@@ -106,6 +106,7 @@ class Scheduler:
         max_model_len: int,
         max_prefill_tokens: int,
         on_release: Callable[[Sequence], None] | None = None,
+        spread_blocks: bool = False,
     ):
         assert max_batch >= 1 and max_prefill_tokens >= 1
         self.alloc = allocator
@@ -114,6 +115,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.max_prefill_tokens = max_prefill_tokens
         self.on_release = on_release or (lambda seq: None)
+        self.spread_blocks = spread_blocks   # CPU: keep each sequence's blocks consecutive
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []      # admission order
         self.num_preemptions = 0
@@ -205,7 +207,7 @@ class Scheduler:
             if not self.alloc.can_allocate(need):
                 break
             self.waiting.popleft()
-            seq.block_table = self.alloc.allocate(need)
+            seq.block_table = self.alloc.allocate_spread(need) if self.spread_blocks else self.alloc.allocate(need)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             n = min(len(seq), budget)

@@ -189,3 +189,6 @@ def test_block_allocator():
     assert a.allocate(1) == [3]
     a.free([0])
     assert a.allocate_after(2) == 0          # 3 is taken: lowest free instead
+    b = BlockAllocator(16, 16)                # CPU admission: middle of the largest free run
+    assert b.allocate_spread(2) == [0, 1] and b.allocate_spread(2) == [8, 9] and b.allocate_spread(1) == [4]
+    assert b.allocate_after(1) == 2 and b.allocate_after(9) == 10
