@@ -207,9 +207,10 @@ def create_app(replica) -> FastAPI:
         spec = await _json_body(request)
         if not isinstance(spec, dict):
             raise APIError(400, "the rollout spec must be a JSON object (see docs/rollout.md)")
-        return await _control("rollout", {"spec": spec, "actor": actor,
-                                          "eval": {"deployment": replica.settings.deployment,
-                                                   "app": replica.settings.app}}, LOAD_WAIT_S)
+        resp = await _control("rollout", {"spec": spec, "actor": actor}, LOAD_WAIT_S)
+        if json.loads(resp.body)["state"].get("rollout_phase") == "pending_eval":
+            replica.start_eval_gate()  # this replica holds both slots: it runs the eval set
+        return resp
 
     @app.get("/admin/rollout")
     async def admin_rollout_status(request: Request):
@@ -290,9 +291,6 @@ if _serve is not None:
             ok, why = self.replica.ready()
             if not ok and self.replica.desired is None:
                 raise RuntimeError(f"replica lost its state: {why}")
-
-        async def run_eval(self) -> dict:
-            return await self.replica.run_eval()
 
         async def __del__(self):
             await self.replica.stop()

@@ -81,6 +81,8 @@ class DesiredState:
     window_epoch: int = 0              # bumps when replicas must reset their windows
     rollout_phase: str | None = None
     evict_previous: bool = False       # the next candidate load may drop previous
+    served_name: str | None = None     # the logical model name; stays when a bundle of
+                                       # another name is promoted, so clients keep working
     reason: str = ""
     updated_at: float = 0.0
 
@@ -166,6 +168,8 @@ class ControllerCore:
                                 else state.candidate, reason=f"serve --bundle {bundle}")
                 self._ledger("promote", rec.ref, from_=state.previous.ref, to=rec.ref,
                              reason=f"serve --bundle {bundle} replaced the persisted live")
+        if state.served_name is None and state.live is not None:
+            state = replace(state, served_name=state.live.name)
         state = replace(state, version=state.version + 1, updated_at=self.clock())
         self._persist(state)
         return state
@@ -404,7 +408,8 @@ class ControllerCore:
     def eval_result(self, candidate_score: float, live_score: float, detail: dict) -> None:
         if self.rollout is None or self.rollout.phase != "pending_eval":
             return
-        self.rollout, events = ro.on_eval(self.rollout, candidate_score, live_score, self.clock())
+        self.rollout, events = ro.on_eval(self.rollout, candidate_score, live_score, self.clock(),
+                                          int(detail.get("items", 1)))
         self._ledger("eval", self.rollout.candidate, reason="eval gate",
                      metrics={"candidate.eval_score": candidate_score, "live.eval_score": live_score,
                               **detail})
@@ -489,7 +494,7 @@ class ControllerCore:
             "app": self.app, "version": s.version,
             "desired": {slot: (asdict(s.slot(slot)) if s.slot(slot) else None) for slot in SLOTS},
             "weights": dict(s.weights), "mirror_fraction": s.mirror_fraction,
-            "rollout_phase": s.rollout_phase, "reason": s.reason, "updated_at": s.updated_at,
+            "served_name": s.served_name, "rollout_phase": s.rollout_phase, "reason": s.reason, "updated_at": s.updated_at,
             "replicas": [asdict(r) for r in sorted(self.active_replicas(), key=lambda r: r.id)],
         })
 
@@ -608,8 +613,6 @@ class SlotController:
                     self._notify()
                     await self._converge(self.core.state.version, wait_s, load_ref=rec.ref)
                 state = self.core.start_rollout(spec, actor=args["actor"])
-                if self.core.rollout.phase == "pending_eval":
-                    asyncio.get_running_loop().create_task(self._run_eval(args.get("eval")))
             else:
                 state = fn(**args)
         except ControlError as exc:
@@ -642,19 +645,19 @@ class SlotController:
         return {"converged": done, "converge_ms": round((time.perf_counter() - t0) * 1e3, 2),
                 "replicas": len(self.core.active_replicas()), "errors": errors}
 
-    async def _run_eval(self, handle_info) -> None:
-        """Ask one replica to run the candidate's eval set on candidate and live."""
-        try:
-            from ray import serve
-            h = serve.get_deployment_handle(handle_info["deployment"], app_name=handle_info["app"])
-            res = await h.run_eval.remote()
-            self.core.eval_result(res["candidate"], res["live"], res.get("detail", {}))
-        except Exception as exc:
-            log.exception("eval gate failed")
-            if self.core.rollout is not None and self.core.rollout.active:
-                self.core.rollout, events = ro.abort(self.core.rollout, f"eval gate failed: {exc}",
-                                                     self.core.clock())
-                self.core._apply_events(events)
+    async def eval_result(self, candidate_score: float, live_score: float, detail: dict) -> dict:
+        """Scores of the eval gate, run by the replica that started the rollout."""
+        self._ensure_loop()
+        self.core.eval_result(candidate_score, live_score, detail)
+        self._notify()
+        return self.core.rollout_status()
+
+    async def eval_failed(self, message: str) -> None:
+        self._ensure_loop()
+        if self.core.rollout is not None and self.core.rollout.phase == "pending_eval":
+            self.core.rollout, events = ro.abort(self.core.rollout, f"eval gate failed: {message}",
+                                                 self.core.clock())
+            self.core._apply_events(events)
         self._notify()
 
     async def rollout_status(self) -> dict:

@@ -245,7 +245,7 @@ class Replica:
         self.handler.routing = Routing(
             weights={s: w for s, w in d.weights.items() if w > 0} or {"live": 100.0},
             salt=d.salt, sticky_key=None if d.sticky_key == "none" else d.sticky_key,
-            served_name=self.settings.served_name, shadow_fraction=d.mirror_fraction)
+            served_name=self.settings.served_name or d.served_name, shadow_fraction=d.mirror_fraction)
 
     async def _reconcile(self, d: DesiredState) -> None:
         mgr = self.mgr
@@ -325,7 +325,7 @@ class Replica:
         if o.kind == "eval":
             return  # eval-gate traffic is judged by its score, not by the windows
         oom = o.error_kind in ("OutOfMemoryError", "InjectedOOM") if o.error_kind else False
-        nan = bool(o.error_kind and "nan" in o.error_kind.lower())
+        nan = o.error_kind == "FloatingPointError" or "non-finite" in (o.error or "")
         safety_hit = bool(o.ok and self.safety is not None and o.text and self.safety(o.text))
         rec = {"slot": o.slot, "bundle": o.view.ref, "latency_ms": o.latency_s * 1e3,
                "ttft_ms": None if o.ttft_s is None else o.ttft_s * 1e3,
@@ -387,6 +387,20 @@ class Replica:
         except RuntimeError:
             pass
         loop.call_soon_threadsafe(self._wake.set)
+
+    def start_eval_gate(self) -> None:
+        """Run the eval gate in the background and hand the scores to the controller."""
+        async def gate():
+            try:
+                res = await self.run_eval()
+            except Exception as exc:
+                log.error("eval gate failed: %s", exc)
+                await self.controller.call("eval_failed", f"{type(exc).__name__}: {exc}")
+                return
+            await self.controller.call("eval_result", res["candidate"], res["live"], res["detail"])
+
+        task = asyncio.get_running_loop().create_task(gate())
+        self._tasks.append(task)
 
     def feedback(self, slot: str | None, view: BundleView, positive: bool) -> None:
         self._push({"kind": "feedback", "slot": slot, "bundle": view.ref, "positive": positive})

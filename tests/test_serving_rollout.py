@@ -64,6 +64,7 @@ async def traffic(c, until, results, n_clients=4):
                              json={"model": "demo", "messages": [{"role": "user", "content": "hi"}],
                                    "max_tokens": 3})
             results.append((r.status_code, r.headers.get("x-slotserve-bundle")))
+            await asyncio.sleep(0)  # in-process transport: let the controller and watcher run
     await asyncio.gather(*(one(i) for i in range(n_clients)))
 
 
@@ -93,7 +94,7 @@ async def run_until(c, done, timeout=60):
 def test_healthy_canary_ramps_and_promotes(store):
     async def go():
         async with serving(store, "canary-ok") as (c, ctl):
-            spec = {"bundle": "demo:2", "strategy": "canary", "steps": [50, 100], "bake": "0.3s",
+            spec = {"bundle": "demo:2", "strategy": "canary", "steps": [50, 100], "bake": "0.6s",
                     "min_requests": 4, "sticky_key": "header:x-session-id",
                     "guards": [{"metric": "error_rate", "op": ">", "value": 0.5, "action": "rollback"}]}
             r = await c.post("/admin/rollout", json=spec, headers=AUTH)
@@ -185,3 +186,52 @@ def test_alert_guard_posts_webhook_and_does_not_roll_back(store):
         asyncio.run(go())
     finally:
         srv.shutdown()
+
+
+def test_blue_green_mirrors_then_flips(store):
+    """Mirrored (shadow) traffic is compared and counted before all traffic flips."""
+    async def go():
+        async with serving(store, "blue-green") as (c, ctl):
+            spec = {"bundle": "demo:2", "strategy": "blue_green", "shadow_fraction": 1.0, "bake": "1s",
+                    "min_requests": 4}
+            assert (await c.post("/admin/rollout", json=spec, headers=AUTH)).status_code == 200
+            seen = {}
+
+            def done(s):
+                if s["phase"] == "running" and s["step"] == 0 and s.get("requests"):
+                    seen["mirrored"] = s["requests"]
+                    seen["shadow"] = s["windows"]["candidate"]["shadow_length_samples"]
+                return s["phase"] in ("promoted", "rolled_back")
+            results, st = await run_until(c, done)
+            assert st["phase"] == "promoted", st
+            assert seen.get("mirrored", 0) > 0 and seen.get("shadow", 0) > 0
+            assert all(code == 200 for code, _ in results)
+            # while mirrored, clients were answered by live only
+            first_demo2 = next(i for i, (_, b) in enumerate(results) if b == "demo:2")
+            assert first_demo2 > 0 and all(b == "demo:1" for _, b in results[:first_demo2])
+    asyncio.run(go())
+
+
+def test_eval_gate_runs_before_the_first_step(store, tmp_path):
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text('{"prompt": "hello", "expected": ""}\n{"messages": [{"role": "user", "content": "hi"}], '
+                     '"expected": ""}\n')
+    src = tmp_path / "src"
+    build_demo_model("llama", 5, src)
+    m = store.publish(src, "evalbot", eval_file=evals, reason="with eval set")
+    ref = f"evalbot:{m.version}"
+
+    async def go():
+        async with serving(store, "eval-gate") as (c, ctl):
+            spec = {"bundle": ref, "strategy": "canary", "steps": [100], "bake": "0.2s", "min_requests": 2,
+                    "guards": [{"metric": "eval_score", "op": "<", "value": 0.9, "relative_to": "live",
+                                "action": "rollback"}]}
+            r = await c.post("/admin/rollout", json=spec, headers=AUTH)
+            assert r.status_code == 200 and r.json()["state"]["rollout_phase"] == "pending_eval", r.text
+            results, st = await run_until(c, lambda s: s["phase"] in ("promoted", "rolled_back", "aborted"))
+            assert st["phase"] == "promoted", st
+            led = [e["action"] for e in (await c.get("/admin/ledger", headers=AUTH)).json()["entries"]]
+            assert "eval" in led
+            # the logical name stays "demo" although the new live is called evalbot
+            assert all(code == 200 for code, _ in results) and results[-1][1] == ref
+    asyncio.run(go())
