@@ -205,6 +205,11 @@ def to_markdown(rep: dict) -> str:
               "| --- | --- | --- | --- | --- |",
               f"| {rb['failed']}/{rb['requests']} | {rb['converge_ms']} ms ({rb['replicas_converged']} replicas) | "
               f"{rb['admin_call_ms']} ms | {rb['worst_latency_near_swap_ms']} ms | {rb['steady_p99_ms']} ms |"]
+    lines += ["", f"All on one machine with {rep['cpus']} CPU cores: the replicas, Ray, the HTTP proxy, "
+              "the controller and the load generator share them, so latency here is CPU contention, not "
+              "the swap. `convergence` is the controller's time from the state change to every replica "
+              "reporting it applied; `admin call` adds the HTTP round trip and the state write. "
+              "Regenerate: `python benchmarks/bench_serving.py --replicas 2 --json ... --md ...`."]
     return "\n".join(lines) + "\n"
 
 
@@ -225,6 +230,11 @@ def main() -> int:
         Path(args.json).write_text(json.dumps(rep, indent=2) + "\n")
     if args.md:
         Path(args.md).write_text(to_markdown(rep))
+
+
+def render(json_path: str, md_path: str) -> None:
+    """Rewrite the markdown table from a saved JSON result."""
+    Path(md_path).write_text(to_markdown(json.loads(Path(json_path).read_text())))
     return 0
 
 
