@@ -40,6 +40,8 @@ log = logging.getLogger("slotserve.controller")
 TICK_S = 0.1
 HEARTBEAT_S = 2.0          # a replica's watch() returns at least this often
 REPLICA_TTL_S = 10.0       # a replica not heard from for this long is gone
+CONVERGE_TTL_S = 3.0       # convergence waits only for replicas heard from this recently
+                           # (a serving replica reports at least every second)
 ACTOR = "slotserve-controller"
 NAMESPACE = "slotserve"
 SLOTS = ("live", "previous", "candidate")
@@ -290,7 +292,9 @@ class ControllerCore:
 
     def convergence(self, version: int) -> tuple[bool, list[str]]:
         """(all serving replicas applied `version`, errors reported for it)."""
-        reps = [r for r in self.active_replicas() if r.ready or r.applied >= 0]
+        now = self.clock()
+        reps = [r for r in self.active_replicas()
+                if (r.ready or r.applied >= 0) and now - r.seen <= CONVERGE_TTL_S]
         errors = [f"{r.id}: {r.error['message']}" for r in reps
                   if r.error and r.error.get("version", -1) >= version]
         done = bool(reps) and all(r.applied >= version for r in reps if not r.error

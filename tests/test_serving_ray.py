@@ -233,3 +233,28 @@ def test_scale_to_two_replicas_carries_state(server):
     assert r["converged"] and r["replicas"] == 2
     st = httpx.get(url + "/admin/state", headers=AUTH).json()
     assert st["desired"]["live"]["ref"] == prev and st["desired"]["previous"]["ref"] == live
+
+
+def test_a_replica_that_dies_comes_back_with_the_same_state(server):
+    import ray
+    url = server["url"]
+    before = httpx.get(url + "/admin/state", headers=AUTH).json()
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith("SERVE_REPLICA::") and "SlotServe" in a["name"]]
+    assert names
+    victim = ray.get_actor(names[0], namespace="serve")
+    ray.kill(victim, no_restart=True)
+    # Serve starts a replacement; it loads live and previous before it is routed to.
+    def back():
+        st = httpx.get(url + "/admin/state", headers=AUTH).json()
+        ready = [r for r in st["replicas"] if r["ready"] and r["applied"] == st["version"]]
+        fresh = {r["id"] for r in ready} - {r["id"] for r in before["replicas"]}
+        return st if fresh and len(ready) >= len(before["replicas"]) else None
+    st = _wait(back, timeout=120)
+    for rep in st["replicas"]:
+        slots = rep["slots"]["slots"]
+        if rep["ready"]:
+            assert slots["live"]["ref"] == st["desired"]["live"]["ref"]
+            assert slots["previous"]["ref"] == st["desired"]["previous"]["ref"]
+    r = httpx.post(url + "/v1/chat/completions", json=chat_body(max_tokens=2), timeout=60)
+    assert r.status_code == 200 and r.headers["x-slotserve-bundle"] == st["desired"]["live"]["ref"]
