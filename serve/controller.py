@@ -127,6 +127,7 @@ class ControllerCore:
         # without waiting on the disk. The JSON state row is still written first.
         self.defer_writes = defer_writes
         self._pending: list[Callable[[], Any]] = []
+        self.on_rollback: Callable[[str], Any] = lambda trigger: None   # metrics hook
         self.app = app
         self.clock = clock
         self.post = post or (lambda url, body: None)
@@ -349,6 +350,7 @@ class ControllerCore:
         if self.state.previous is None:
             raise ControlError(409, "nothing to roll back to: no previous bundle is warm", "no_previous")
         old, new = self.state.live, self.state.previous
+        self.on_rollback(trigger)
         self._ledger("rollback", new.ref, from_=old.ref if old else None, to=new.ref,
                      reason=reason or trigger, metrics={"trigger": trigger, **(metrics or {})},
                      actor=actor)
@@ -462,6 +464,7 @@ class ControllerCore:
                           mirror_fraction=0.0, rollout_phase=r.phase,
                           window_epoch=self.state.window_epoch + 1)
                 if action == "rollback":
+                    self.on_rollback("oom" if "out of memory" in ev.reason else "guard")
                     self._alert(r.spec.alert_webhook, d)
             elif isinstance(ev, ro.Alerted):
                 self._ledger("alert", r.candidate, reason=ev.reason, metrics=ev.metrics, actor=who)
@@ -525,6 +528,8 @@ class SlotController:
                                    post=lambda url, body: self._webhooks.append((url, body)),
                                    defer_writes=True)
         self.core.flush()  # what the restore wrote
+        from slotserve.metrics import Metrics
+        self.core.on_rollback = Metrics("controller").rollback
         self._changed: asyncio.Event | None = None
         self._loop_task = None
         self._flush_lock: asyncio.Lock | None = None
