@@ -266,7 +266,9 @@ def _replica_id() -> str:
 
 
 if _serve is not None:
-    @_serve.deployment(name="SlotServe", max_ongoing_requests=256, health_check_period_s=5,
+    # max_ongoing_requests above Settings.max_inflight (256): past our own limit a client
+    # gets a 429 with Retry-After rather than waiting in Serve's queue.
+    @_serve.deployment(name="SlotServe", max_ongoing_requests=384, health_check_period_s=5,
                        health_check_timeout_s=30, graceful_shutdown_timeout_s=20,
                        ray_actor_options={"num_cpus": 0})
     @_serve.ingress()

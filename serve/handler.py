@@ -251,7 +251,7 @@ class Run:
                  first: list[int], done: bool, t0: float, ttft: float | None):
         self.h, self.prep, self.handle, self.stream = handler, prep, handle, stream
         self.first, self.done, self.t0, self.ttft = first, done, t0, ttft
-        self.id = handler.response_id(prep.view)
+        self.id = handler.response_id(prep.view, "chatcmpl" if prep.kind == "chat" else "cmpl")
         self.created = now()
         self.finished = False
         self._recorded = False
@@ -620,10 +620,10 @@ class Handler:
 
     # -- feedback
 
-    def response_id(self, view: BundleView) -> str:
+    def response_id(self, view: BundleView, prefix: str = "chatcmpl") -> str:
         # The answering bundle's digest rides in the id, so feedback reaching any
         # replica can be attributed without shared state.
-        return new_id("chatcmpl") + "-" + view.digest.split(":")[-1][:16]
+        return new_id(prefix) + "-" + view.digest.split(":")[-1][:16]
 
     def feedback(self, req: FeedbackRequest) -> tuple[str | None, BundleView | None]:
         """(slot now holding the rated bundle or None, its view). 404 for an unknown id."""

@@ -168,12 +168,9 @@ def run(args: argparse.Namespace) -> int:
         pass
     print("\nshutting down ...", flush=True)
     try:
-        serve.delete(app_name)
-        if started_ray:
-            serve.shutdown()
-            ray.kill(controller)
+        serve.delete(app_name)  # replicas finish their in-flight requests
     finally:
-        ray.shutdown()
+        ray.shutdown()          # a local Ray takes Serve and the controller with it
     print("stopped.")
     return 0
 
