@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     live = (state["desired"].get("live") or {}).get("ref")
     prev = (state["desired"].get("previous") or {}).get("ref")
     print(f"\nslotserve is serving {live}" + (f" (previous {prev} warm)" if prev else ""))
-    print(f"  API        {url}/v1/chat/completions   (model: {live.split(':')[0] if live else '?'})")
+    print(f"  API        {url}/v1/chat/completions   (model: {state.get('served_name') or '?'})")
     print(f"  health     {url}/healthz")
     print(f"  admin API  {url}/admin/state   (Bearer token from {token_where})")
     if started_ray:

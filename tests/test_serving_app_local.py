@@ -169,3 +169,33 @@ def test_overload_is_429_with_retry_after(env):
             rep.mgr.close()
 
     asyncio.run(go())
+
+
+def test_failed_load_is_reported_and_reverted(env, tmp_path):
+    """A candidate whose load runs out of memory: the admin call says so, nothing changes."""
+    root, store = env
+    from slotserve.bundles.demo import build_demo_model
+    build_demo_model("llama", 7, tmp_path / "src")
+    m = store.publish(tmp_path / "src", "demo", serving={"faults": {"oom_after": 0}}, reason="oom at load")
+
+    async def go():
+        ctl, rep, c = await _start(root, store)
+        try:
+            r = await c.post("/admin/load", json={"bundle": f"demo:{m.version}"}, headers=AUTH)
+            assert r.status_code in (500, 507), r.text
+            assert "out of memory" in r.json()["error"]["message"]
+            st = (await c.get("/admin/state", headers=AUTH)).json()
+            assert st["desired"]["candidate"] is None
+            r = await c.post("/v1/chat/completions", json={
+                "model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+            assert r.status_code == 200
+            r = await c.post("/admin/load", json={"bundle": "nope:3"}, headers=AUTH)
+            assert r.status_code == 404 and "nope" in r.json()["error"]["message"]
+            r = await c.post("/admin/load", json={"bundel": "demo:2"}, headers=AUTH)
+            assert r.status_code == 400
+        finally:
+            await c.aclose()
+            await rep.stop()
+            rep.mgr.close()
+
+    asyncio.run(go())
