@@ -242,6 +242,7 @@ class Prepared:
     view: BundleView
     prompt_ids: list[int]
     params: dict
+    retried_from: str | None = None   # name:version that failed before live answered
 
 
 class Run:
@@ -278,7 +279,10 @@ class Run:
         return self.prep.view
 
     def headers(self) -> dict[str, str]:
-        return self.view.headers()
+        h = self.view.headers()
+        if self.prep.retried_from:
+            h["x-slotserve-retried-from"] = self.prep.retried_from
+        return h
 
     async def deltas(self) -> AsyncIterator[str]:
         """Text pieces until the end; records the outcome; cancels the engine on exit."""
@@ -499,7 +503,9 @@ class Handler:
                 raise self.error_from(exc, prep) from None
             # The candidate (or previous) failed before the client saw anything: count
             # it against that slot, answer from live.
+            failed = prep.view.ref
             prep = self.prepare(kind, req, "live", False)
+            prep.retried_from = failed
             try:
                 run = await self._start(prep)
             except APIError:
@@ -540,7 +546,8 @@ class Handler:
                                   None, len(prep.prompt_ids), 0,
                                   error=f"out of memory on {prep.view.ref}; answered by {actual.name}",
                                   error_kind="OutOfMemoryError"))
-            prep = replace(prep, slot=actual.name, view=self.backend.view_of(actual))
+            prep = replace(prep, slot=actual.name, view=self.backend.view_of(actual),
+                           retried_from=prep.view.ref)
         stream = TextStream(prep.view.tokenizer, prep.request.stop_list())
         run = Run(self, prep, _Resume(it, handle), stream, first, done, t0,
                   time.perf_counter() - t0)

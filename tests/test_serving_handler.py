@@ -207,9 +207,10 @@ def test_candidate_failure_is_retried_on_live():
 
     async def go():
         r = await h.start("chat", chat(), {})
-        return await r.response()
-    body = run(go())
+        return await r.response(), r.headers()
+    body, headers = run(go())
     assert body["model"] == "bot:1" and body["choices"][0]["message"]["content"] == "ok"
+    assert headers["x-slotserve-retried-from"] == "bot:2"
     assert [(o.slot, o.ok) for o in seen] == [("candidate", False), ("live", True)]
     # Pinned to the candidate: no retry, an OpenAI error object.
     with pytest.raises(APIError) as ei:
