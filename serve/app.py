@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from slotserve.auth import TokenCheck
 from slotserve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, FeedbackRequest,
                                 LoadRequest, ModelCard, ModelList, ReasonRequest,
-                                describe_validation_error, error_body, now)
+                                describe_validation_error, now)
 
 log = logging.getLogger("slotserve.app")
 MAX_BODY_BYTES = 8 << 20

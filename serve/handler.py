@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Mapping, Protocol
 
 from slotserve.protocol import (APIError, ChatChoice, ChatChunkChoice, ChatCompletion,
-                                ChatCompletionChunk, ChatCompletionRequest, Completion,
-                                CompletionChoice, CompletionRequest, Delta, FeedbackRequest,
+                                ChatCompletionChunk, Completion,
+                                CompletionChoice, Delta, FeedbackRequest,
                                 ResponseMessage, Usage, new_id, now)
 
 DEFAULT_MAX_TOKENS = 256
@@ -392,13 +391,11 @@ class Run:
 
 class Handler:
     def __init__(self, backend: Backend, *, observe: Callable[[Outcome], None] | None = None,
-                 on_shadow: Callable[[Any, BundleView], None] | None = None,
-                 rng: random.Random | None = None):
+                 on_shadow: Callable[[Any, BundleView], None] | None = None):
         self.backend = backend
         self.routing = Routing()
         self.observe = observe or (lambda outcome: None)
         self.on_shadow = on_shadow or (lambda diff, view: None)
-        self._rng = rng or random.Random()
         self.inflight = 0
         self._shadow_tasks: set[asyncio.Task] = set()
 

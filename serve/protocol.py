@@ -388,11 +388,5 @@ class ReasonRequest(_Model):
     reason: str = Field(default="", max_length=2000)
 
 
-class RolloutRequest(_Model):
-    """The rollout spec as JSON; slotserve.spec.RolloutSpec validates the contents."""
-    model_config = ConfigDict(extra="allow")
-    bundle: str = Field(min_length=1)
-    strategy: str = "canary"
-
-    def spec_dict(self) -> dict:
-        return self.model_dump(exclude_unset=False)
+# The rollout spec (POST /admin/rollout) is validated by slotserve.spec.RolloutSpec,
+# which names every invalid field; the HTTP edge only checks that it is a JSON object.

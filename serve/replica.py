@@ -18,9 +18,8 @@ import asyncio
 import logging
 import os
 import socket
-import time
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from slotserve.controller import HEARTBEAT_S, SLOTS, DesiredState
