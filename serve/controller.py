@@ -110,6 +110,7 @@ class ReplicaInfo:
     node: str = ""
     seen: float = 0.0
     applied: int = -1
+    routed: int = -1                   # live/previous/weights of this version are in effect
     ready: bool = False
     slots: dict = field(default_factory=dict)
     error: dict | None = None          # {"version": v, "message": ...} for a failed apply
@@ -247,7 +248,7 @@ class ControllerCore:
         info = self.replicas.get(replica_id) or ReplicaInfo(replica_id)
         self.replicas[replica_id] = info
         info.seen = self.clock()
-        for k in ("node", "applied", "ready", "slots", "error", "inflight", "loading"):
+        for k in ("node", "applied", "routed", "ready", "slots", "error", "inflight", "loading"):
             if k in status:
                 setattr(info, k, status[k])
         for ev in events or ():
@@ -291,15 +292,17 @@ class ControllerCore:
             del self.replicas[rid]
         return list(self.replicas.values())
 
-    def convergence(self, version: int) -> tuple[bool, list[str]]:
-        """(all serving replicas applied `version`, errors reported for it)."""
+    def convergence(self, version: int, loaded: bool = True) -> tuple[bool, list[str]]:
+        """(all serving replicas applied `version`, errors reported for it). With
+        loaded=False a replica still loading a candidate counts once it routes as
+        `version` says (a rollback does not wait for an unrelated load)."""
         now = self.clock()
         reps = [r for r in self.active_replicas()
                 if (r.ready or r.applied >= 0) and now - r.seen <= CONVERGE_TTL_S]
         errors = [f"{r.id}: {r.error['message']}" for r in reps
                   if r.error and r.error.get("version", -1) >= version]
-        done = bool(reps) and all(r.applied >= version for r in reps if not r.error
-                                  or r.error.get("version", -1) < version)
+        done = bool(reps) and all((r.applied if loaded else max(r.applied, r.routed)) >= version
+                                  for r in reps if not r.error or r.error.get("version", -1) < version)
         return done, errors
 
     # ------------------------------------------------------------ admin operations
@@ -629,7 +632,8 @@ class SlotController:
         self._notify()
         load_ref = state.candidate.ref if op == "load" and state.candidate else None
         try:
-            conv = await self._converge(state.version, wait_s, load_ref=load_ref)
+            conv = await self._converge(state.version, wait_s, load_ref=load_ref,
+                                        loaded=op in ("load", "rollout"))
         except ControlError as exc:
             return {"error": {"status": exc.status, "message": exc.message, "code": exc.code}}
         return {"state": self.core.admin_state(), "version": state.version,
@@ -637,11 +641,12 @@ class SlotController:
                 "total_ms": round((time.perf_counter() - t0) * 1e3, 2),
                 "replicas": conv["replicas"]}
 
-    async def _converge(self, version: int, wait_s: float, load_ref: str | None = None) -> dict:
+    async def _converge(self, version: int, wait_s: float, load_ref: str | None = None,
+                        loaded: bool = True) -> dict:
         t0 = time.perf_counter()
         deadline = t0 + wait_s
         while True:
-            done, errors = self.core.convergence(version)
+            done, errors = self.core.convergence(version, loaded)
             if errors and load_ref:
                 self.core.unload_failed(load_ref, errors)
                 self._notify()

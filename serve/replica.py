@@ -139,7 +139,10 @@ class Replica:
         self.metrics = metrics
         self.handler = Handler(self.backend, observe=self._observe, on_shadow=self.shadow)
         self.desired: DesiredState | None = None
-        self.applied = -1
+        self._latest: DesiredState | None = None     # newest state seen (may be being applied)
+        self._applying: asyncio.Task | None = None
+        self.applied = -1                            # fully applied (slots loaded as desired)
+        self.routed = -1                             # live/previous/weights in effect
         self.error: dict | None = None
         self.loading: str | None = None
         self.outbox: list[dict] = []
@@ -156,13 +159,14 @@ class Replica:
         self._loop = asyncio.get_running_loop()
         await self.controller.call("report", self.id, self.status(), [])
         state = DesiredState.from_dict(await self.controller.call("watch", -1, 0.0))
+        self._latest = state
         await self.apply(state)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._watch_loop()), loop.create_task(self._report_loop())]
 
     async def stop(self) -> None:
         self._stopped = True
-        for t in self._tasks:
+        for t in self._tasks + ([self._applying] if self._applying else []):
             t.cancel()
         try:
             await self.controller.call("forget", self.id)
@@ -172,15 +176,48 @@ class Replica:
     async def _watch_loop(self) -> None:
         while not self._stopped:
             try:
-                known = self.desired.version if self.desired else -1
+                known = self._latest.version if self._latest else -1
                 d = DesiredState.from_dict(await self.controller.call("watch", known, HEARTBEAT_S))
-                if d.version != known:
-                    await self.apply(d)
+                if d.version == known:
+                    continue
+                self._latest = d
+                if self._applying is not None and not self._applying.done():
+                    # A load is running (seconds for a big bundle): a rollback, promote or
+                    # weight change must not wait for it.
+                    self._swap_now(d)
+                    await self.report()
+                else:
+                    self._applying = asyncio.get_running_loop().create_task(self._apply_latest())
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # controller restarting: retry, keep serving
                 log.warning("watch failed: %s", exc)
                 await asyncio.sleep(0.5)
+
+    async def _apply_latest(self) -> None:
+        while self._latest is not None and (self.desired is None
+                                            or self._latest.version != self.desired.version):
+            await self.apply(self._latest)
+
+    def _swap_now(self, d: DesiredState) -> None:
+        """The O(1) part of `d` while a load is in progress: swaps and routing."""
+        cur = self.backend.digests()
+        want_live = d.live.digest if d.live else None
+        try:
+            if want_live and want_live == cur.get("previous") and cur.get("live"):
+                self.mgr.rollback(d.reason or "rollback")
+            elif want_live and want_live == cur.get("candidate"):
+                self.mgr.promote()
+        except Exception as exc:
+            log.warning("swap for v%s deferred: %s", d.version, exc)
+        self._route(d)
+        if self._routes(d):
+            self.routed = d.version
+
+    def _routes(self, d: DesiredState) -> bool:
+        """Live and previous are those of `d` (so requests are routed as `d` says)."""
+        cur = self.backend.digests()
+        return all(cur.get(s) == (d.slot(s).digest if d.slot(s) else None) for s in ("live", "previous"))
 
     async def _report_loop(self) -> None:
         while not self._stopped:
@@ -226,8 +263,9 @@ class Replica:
             self.loading = None
         self.desired = d
         if self.error is None:
-            self.applied = d.version
-        self._route(d)
+            self.applied = self.routed = d.version
+        newest = self._latest if self._latest is not None and self._latest.version > d.version else d
+        self._route(newest)
         if d.safety is not None or self.safety is None:
             from slotserve.safety import SafetyFilter
             self.safety = SafetyFilter.from_config(d.safety)
@@ -314,7 +352,7 @@ class Replica:
 
     def status(self) -> dict:
         ok, why = self.ready()
-        return {"node": self.node, "applied": self.applied, "ready": ok, "why": why,
+        return {"node": self.node, "applied": self.applied, "routed": self.routed, "ready": ok, "why": why,
                 "slots": self.slot_state(), "error": self.error,
                 "inflight": self.handler.inflight, "loading": self.loading}
 

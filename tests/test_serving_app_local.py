@@ -199,3 +199,50 @@ def test_failed_load_is_reported_and_reverted(env, tmp_path):
             rep.mgr.close()
 
     asyncio.run(go())
+
+
+def test_rollback_does_not_wait_for_a_running_load(env, tmp_path):
+    """A candidate taking seconds to load must not delay a rollback on that replica."""
+    root, store = env
+    from slotserve.bundles.demo import build_demo_model
+    build_demo_model("llama", 9, tmp_path / "src")
+    big = store.publish(tmp_path / "src", "demo", reason="slow to load")
+
+    async def go():
+        ctl, rep, c = await _start(root, store)
+        try:
+            for path, body in (("/admin/load", {"bundle": "demo:2"}), ("/admin/rollout/promote", {})):
+                assert (await c.post(path, json=body, headers=AUTH)).status_code == 200
+            real_load = rep.mgr.load
+
+            def slow_load(*a, **kw):
+                import time
+                time.sleep(3.0)
+                return real_load(*a, **kw)
+            rep.mgr.load = slow_load
+            loading = asyncio.create_task(c.post("/admin/load", json={"bundle": f"demo:{big.version}"},
+                                                 headers=AUTH))
+            for _ in range(200):
+                if rep.loading:
+                    break
+                await asyncio.sleep(0.01)
+            assert rep.loading
+            r = await c.post("/admin/rollback", json={"reason": "during a load"}, headers=AUTH)
+            assert r.status_code == 200 and r.json()["converged"], r.text
+            assert r.json()["converge_ms"] < 1000 and rep.loading  # the load is still running
+            r = await c.post("/v1/chat/completions", json={
+                "model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+            assert r.json()["model"] == "demo:1"
+            done = await loading
+            assert done.status_code == 200 and done.json()["converged"], done.text
+            st = (await c.get("/admin/state", headers=AUTH)).json()
+            assert st["desired"]["live"]["ref"] == "demo:1"
+            assert st["desired"]["candidate"]["ref"] == f"demo:{big.version}"
+            rep_state = st["replicas"][0]
+            assert rep_state["applied"] == st["version"]
+        finally:
+            await c.aclose()
+            await rep.stop()
+            rep.mgr.close()
+
+    asyncio.run(go())
