@@ -25,7 +25,7 @@ KNOWN_ACTIONS = ("publish", "alias", "load", "evict", "promote", "rollback", "ro
                  "rollout_step", "breach", "alert", "abort", "drill")
 RESERVED_ALIASES = ("latest",)  # resolved from the bundles table, never stored
 _ACTION_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the state table
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS bundles (
@@ -58,6 +58,13 @@ CREATE TABLE IF NOT EXISTS ledger (
     alias    TEXT,
     reason   TEXT NOT NULL DEFAULT '',
     metrics  TEXT
+);
+-- Small mutable documents owned by the serving controller (its desired state, the
+-- rollout in progress), keyed by name; history lives in the ledger, not here.
+CREATE TABLE IF NOT EXISTS state (
+    key        TEXT PRIMARY KEY,
+    value      TEXT NOT NULL,
+    updated_at TEXT NOT NULL
 );
 CREATE TRIGGER IF NOT EXISTS ledger_no_update BEFORE UPDATE ON ledger
 BEGIN SELECT RAISE(ABORT, 'ledger is append-only: rows cannot be updated'); END;
@@ -294,6 +301,24 @@ class Registry:
     def ledger(self, limit: int = 50, bundle: str | None = None) -> list[LedgerEntry]:
         with self._read() as t:
             return t.ledger(limit, bundle)
+
+    # Controller state: one JSON document per key.
+    def get_state(self, key: str) -> dict[str, Any] | None:
+        with self._read() as t:
+            row = t.conn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row["value"])
+
+    def put_state(self, key: str, value: dict[str, Any]) -> None:
+        """Replace the document under `key` in one transaction.
+
+        synchronous=NORMAL here: in WAL mode the commit survives a crash of the process
+        without an fsync, so a rollback is not held up by the disk (publishes keep FULL)."""
+        text = json.dumps(value, sort_keys=True, default=str)
+        with closing(self._connect()) as conn:
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("INSERT INTO state (key, value, updated_at) VALUES (?, ?, ?) "
+                         "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
+                         "updated_at = excluded.updated_at", (key, text, utc_now()))
 
     # Writes (each one transaction).
     def record(self, action: str, actor: str, bundle: str | None = None, from_: str | None = None,

@@ -3,8 +3,8 @@
 Desired state = which bundle sits in live / previous / candidate, the traffic weights,
 and the rollout. The controller
 
-* persists it (registry aliases `@live/@previous/@candidate` + a small JSON state row
-  under the store, `serve/<app>.json`), so a restart of the whole app comes back the same;
+* persists it in the registry (aliases `@live/@previous/@candidate` + the state row
+  `serve:<app>`), so a restart of the whole app comes back the same;
 * hands it to replicas: each replica long-polls `watch(version)`, which returns the
   moment the state changes (a push) or after a timeout (a heartbeat), so a new or
   restarted replica converges to the current state by itself;
@@ -23,11 +23,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any, Callable
 
 from slotserve import rollout as ro
@@ -133,7 +131,7 @@ class ControllerCore:
         self.clock = clock
         self.post = post or (lambda url, body: None)
         self.actor = actor
-        self.state_path = Path(store.root) / "serve" / f"{app}.json"
+        self.state_key = f"serve:{app}"   # the registry's state row for this app
         self.replicas: dict[str, ReplicaInfo] = {}
         self.windows = WindowSet(("live", "candidate"), now=clock())
         self.rollout: ro.RolloutState | None = None
@@ -146,9 +144,10 @@ class ControllerCore:
 
     def _restore(self, bundle: str | None, force: bool) -> DesiredState:
         state = DesiredState()
-        if self.state_path.exists():
+        # An unreadable registry raises here: starting empty would forget live and previous.
+        saved = self.store.registry.get_state(self.state_key)
+        if saved is not None:
             try:
-                saved = json.loads(self.state_path.read_text())
                 state = DesiredState.from_dict(saved["state"])
                 self.rollout_spec = saved.get("rollout_spec")
                 if saved.get("rollout"):
@@ -156,7 +155,7 @@ class ControllerCore:
                     # so the current step re-collects its samples before advancing.
                     self.rollout = ro.RolloutState.from_dict(saved["rollout"])
             except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.warning("ignoring unreadable state %s: %s", self.state_path, exc)
+                log.warning("ignoring unreadable state %s: %s", self.state_key, exc)
                 state = DesiredState()
         if bundle:
             rec = self._resolve(bundle)
@@ -179,12 +178,10 @@ class ControllerCore:
         return state
 
     def _persist(self, state: DesiredState) -> None:
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_name(f".{self.state_path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({"state": state.to_dict(), "rollout_spec": self.rollout_spec,
-                                   "rollout": self.rollout.to_dict() if self.rollout else None},
-                                  indent=1, sort_keys=True, default=str))
-        os.replace(tmp, self.state_path)
+        # Written before replicas are told, so a restart never undoes a change they applied.
+        self.store.registry.put_state(self.state_key, {
+            "state": state.to_dict(), "rollout_spec": self.rollout_spec,
+            "rollout": self.rollout.to_dict() if self.rollout else None})
         self._write(lambda: self._sync_aliases(state))
 
     def _write(self, fn: Callable[[], Any]) -> None:

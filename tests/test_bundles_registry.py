@@ -119,3 +119,14 @@ def test_corrupt_registry_is_a_clear_error(tmp_path):
     (tmp_path / "registry.db").write_bytes(b"not a database" * 100)
     with pytest.raises(BundleError, match="cannot open the registry .*not a database"):
         Registry(tmp_path / "registry.db")
+
+
+def test_state_rows_replace_and_survive_reopen(tmp_path):
+    from slotserve.bundles.registry import Registry
+
+    reg = Registry(tmp_path / "registry.db")
+    assert reg.get_state("serve:app") is None
+    reg.put_state("serve:app", {"version": 1, "live": "demo:1"})
+    reg.put_state("serve:app", {"version": 2, "live": "demo:2"})
+    again = Registry(tmp_path / "registry.db")
+    assert again.get_state("serve:app") == {"version": 2, "live": "demo:2"}
