@@ -13,16 +13,29 @@ with `call_soon_threadsafe`). A failed step (out of memory, an injected fault, N
 logits) fails the requests of that step with `handle.error` set and the engine keeps
 serving. Stop tokens (EOS, `stop_token_ids`) are included in the output, with
 finish_reason "stop".
+
+Tiers: `park()` moves the weights this engine holds alone to host memory (pinned on CUDA)
+and drops its KV pool and CUDA graphs; `unpark()` brings them back. A parked engine
+refuses `submit` with `EngineParkedError`. Tensors shared through the `TensorPool` with
+another engine stay where they are (moving them would free nothing and pull them out
+from under that engine).
+
+CUDA: each engine runs its steps on its own stream, and captures its decode graphs on
+that stream in thread-local capture mode with a graph memory pool of its own, so one
+engine can capture while another serves (see serve/cuda_graphs.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
+import sys
 import threading
 import time
+import traceback
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +60,10 @@ class AdmissionError(ValueError):
 
 class EngineClosedError(RuntimeError):
     """The engine was closed while the request was queued or running."""
+
+
+class EngineParkedError(RuntimeError):
+    """The engine's weights are parked in host memory; `unpark()` it to serve again."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +93,16 @@ class EngineMemory:
     weight_bytes: int                  # distinct weight storage this engine uses
     shared_weight_bytes: int           # of which another engine also holds (tensor pool)
     kv_bytes: int                      # the paged KV pool (0 on the transformers path: grows per request)
+
+
+@dataclass(frozen=True)
+class ParkState:
+    """What `Engine.park` did (and `unpark` will undo)."""
+    moved_bytes: int                   # weight bytes copied to host; unpark copies them back
+    shared_bytes: int                  # weight bytes left on the device: another engine holds them too
+    kv_bytes: int                      # KV pool freed; unpark allocates it again
+    pinned: bool                       # host copies are in pinned memory (CUDA)
+    graphs: bool                       # CUDA graphs were dropped; unpark recaptures them
 
 
 class RequestHandle:
@@ -203,7 +230,7 @@ class Engine:
     def __init__(self, runner, *, eos_token_ids: tuple[int, ...], max_model_len: int, max_batch: int,
                  kv_tokens: int, block_size: int, max_prefill_tokens: int, kv: KVCache | None = None,
                  tensor_pool: TensorPool | None = None, owner: object = None, model_dir: str = "",
-                 fallback_reason: str | None = None):
+                 fallback_reason: str | None = None, stream: "torch.cuda.Stream | None" = None):
         self.runner = runner
         self.path: str = runner.path
         self.fallback_reason = fallback_reason
@@ -218,7 +245,14 @@ class Engine:
         self.step_hook: Callable[[], None] | None = None          # before each forward (fault injection)
         self.logits_hook: Callable[[torch.Tensor], torch.Tensor | None] | None = None   # before sampling
         self._pool, self._owner = tensor_pool, owner
+        self._stream = stream                                     # CUDA: this engine's own stream
         self._weight_bytes = unique_bytes(runner.weights())
+        self._tier = "device"                                     # device | moving | host
+        self._parked: ParkState | None = None
+        self._host: dict[int, tuple[torch.Tensor, object]] = {}   # id(host copy) -> (it, pool key)
+        self._kv_layout = kv.layout if kv is not None else None
+        self._in_step = False                                     # a batch is between schedule and results
+        self._op_lock = threading.RLock()                         # park / unpark / close, one at a time
         self.allocator = BlockAllocator(num_blocks_for_budget(kv_tokens, block_size), block_size)
         self.scheduler = Scheduler(self.allocator, max_batch=max_batch, max_model_len=max_model_len,
                                    max_prefill_tokens=max_prefill_tokens, on_release=runner.release,
@@ -282,33 +316,71 @@ class Engine:
 
         if reason is None:
             owner = object()
-            weights = load_weights(model_dir, weight_specs(lean), device=device, dtype=dtype,
-                                   pool=tensor_pool, owner=owner, file_sha256=file_sha)
-            model = LeanModel(lean, weights, max_model_len, device, dtype)
-            per_token = KVLayout(lean.num_layers, 1, 1, lean.num_kv_heads, lean.head_dim, dtype).bytes_per_token
-            kv_tokens = _kv_tokens(kv_cache_tokens, serving, per_token, max_batch, max_model_len, device)
-            layout = KVLayout(lean.num_layers, num_blocks_for_budget(kv_tokens, block_size), block_size,
-                              lean.num_kv_heads, lean.head_dim, dtype)
-            kv = KVCache(layout, device)
-            model.kv_layers = kv.layers
-            runner = LeanRunner(model, block_size, blocks_for(max_model_len, block_size))
-            if device.type == "cuda" and not enforce_eager:
-                from slotserve.cuda_graphs import DecodeGraphs
-                runner.graphs = DecodeGraphs.try_capture(runner, max_batch)
+            stream = None
+            weights = model = kv = runner = None
+            try:
+                if device.type == "cuda":
+                    from slotserve.cuda_graphs import acquire_stream
+                    stream = acquire_stream(device)         # this engine's alone
+                weights = load_weights(model_dir, weight_specs(lean), device=device, dtype=dtype,
+                                       pool=tensor_pool, owner=owner, file_sha256=file_sha)
+                model = LeanModel(lean, weights, max_model_len, device, dtype)
+                per_token = KVLayout(lean.num_layers, 1, 1, lean.num_kv_heads, lean.head_dim, dtype).bytes_per_token
+                kv_tokens = _kv_tokens(kv_cache_tokens, serving, per_token, max_batch, max_model_len, device)
+                layout = KVLayout(lean.num_layers, num_blocks_for_budget(kv_tokens, block_size), block_size,
+                                  lean.num_kv_heads, lean.head_dim, dtype)
+                kv = KVCache(layout, device)
+                model.kv_layers = kv.layers
+                runner = LeanRunner(model, block_size, blocks_for(max_model_len, block_size))
+                if device.type == "cuda":
+                    # weights and KV were written on this thread's stream; the engine's own
+                    # stream (graph capture, steps) must see them finished
+                    torch.cuda.current_stream(device).synchronize()
+                    if not enforce_eager:
+                        from slotserve.cuda_graphs import DecodeGraphs
+                        runner.graphs = DecodeGraphs.try_capture(runner, max_batch, stream)
+                eng = cls(runner, eos_token_ids=eos, max_model_len=max_model_len, max_batch=max_batch,
+                          kv_tokens=kv_tokens, block_size=block_size, max_prefill_tokens=max_prefill_tokens,
+                          kv=kv, tensor_pool=tensor_pool, owner=owner, model_dir=str(model_dir), stream=stream)
+            except BaseException:
+                # A failed load (OOM in the KV pool, a missing tensor, ...) must not leak: drop
+                # every pool claim this engine made and the tensors it allocated. The frame
+                # (kept alive by the traceback) must not pin them either.
+                if runner is not None and runner.graphs is not None:
+                    runner.graphs.release()
+                if kv is not None:
+                    kv.release()
+                if tensor_pool is not None:
+                    tensor_pool.release(owner)
+                weights = model = kv = runner = None
+                if device.type == "cuda":
+                    from slotserve.cuda_graphs import release_stream
+                    release_stream(stream)
+                    # the inner frames (load_weights, KVCache, ...) have ended; their locals
+                    # would keep device tensors alive as long as the exception is referenced
+                    tb = sys.exc_info()[2]
+                    if tb is not None and tb.tb_next is not None:
+                        traceback.clear_frames(tb.tb_next)
+                    _empty_cache()
+                raise
             log.info("%s: lean model (%s), %s on %s", model_dir, lean.arch, dtype, device)
-            return cls(runner, eos_token_ids=eos, max_model_len=max_model_len, max_batch=max_batch,
-                       kv_tokens=kv_tokens, block_size=block_size, max_prefill_tokens=max_prefill_tokens,
-                       kv=kv, tensor_pool=tensor_pool, owner=owner, model_dir=str(model_dir))
+            return eng
 
         from slotserve.hf_model import HFRunner
 
         log.warning("%s: serving through transformers (fallback): %s", model_dir, reason)
         runner = HFRunner(model_dir, device, dtype)
         kv_tokens = int(kv_cache_tokens or serving.get("kv_cache_tokens") or min(max_batch * max_model_len, 1 << 16))
+        stream = None
+        if device.type == "cuda":
+            from slotserve.cuda_graphs import acquire_stream
+
+            torch.cuda.current_stream(device).synchronize()   # weights written on this thread's stream
+            stream = acquire_stream(device)
         # No chunking on this path: a whole prompt is one forward call.
         return cls(runner, eos_token_ids=eos, max_model_len=max_model_len, max_batch=max_batch,
                    kv_tokens=kv_tokens, block_size=block_size, max_prefill_tokens=max(max_prefill_tokens, max_model_len),
-                   model_dir=str(model_dir), fallback_reason=reason)
+                   model_dir=str(model_dir), fallback_reason=reason, stream=stream)
 
     # ------------------------------------------------------------------------------ requests
     def submit(self, prompt_ids, params: SamplingParams | None = None) -> RequestHandle:
@@ -319,6 +391,9 @@ class Engine:
         with self._cond:
             if self._closed:
                 raise EngineClosedError("engine is closed")
+            if self._tier != "device":
+                raise EngineParkedError(f"engine is parked in host memory (tier {self._tier!r}); "
+                                        "unpark() it before submitting requests")
             rid = self._next_id
             self._next_id += 1
             handle = RequestHandle(self, rid, prompt, params)
@@ -392,8 +467,13 @@ class Engine:
 
     # ------------------------------------------------------------------------------ step loop
     def _loop(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)  # Triton launches on the thread's current device
+        if self._stream is None:
+            return self._steps()
+        torch.cuda.set_device(self.device)  # Triton launches on the thread's current device
+        with torch.cuda.stream(self._stream):  # every step's work goes to this engine's stream
+            return self._steps()
+
+    def _steps(self) -> None:
         while True:
             with self._cond:
                 while not self._closed and not self.scheduler.has_work():
@@ -409,6 +489,7 @@ class Engine:
                 if batch is None:
                     self._cond.wait(0.005)
                     continue
+                self._in_step = True
             try:
                 tokens, finite = self._run(batch)
             except Exception as e:
@@ -416,13 +497,17 @@ class Engine:
                     log.warning("out of memory in a %s step of %d sequences: failing them", batch.kind,
                                 len(batch.seqs))
                     if self.device.type == "cuda":
-                        torch.cuda.empty_cache()
+                        _empty_cache()
                 else:
                     log.exception("%s step failed: failing its %d sequences", batch.kind, len(batch.seqs))
                 with self._cond:
+                    self._in_step = False
+                    self._cond.notify_all()
                     self._fail(batch.seqs, e)
                 continue
             with self._cond:
+                self._in_step = False
+                self._cond.notify_all()
                 self._counts["steps"] += 1
                 self._counts["prefill_steps"] += batch.kind != "decode"   # steps carrying prompt chunks
                 self._counts["mixed_steps"] += batch.kind == "mixed"      # ... alongside decode rows
@@ -482,11 +567,182 @@ class Engine:
         with self._cond:
             return {"path": self.path, **self.scheduler.stats(), **self._counts,
                     "kv_capacity_tokens": self.allocator.capacity_tokens, "max_batch": self.max_batch,
-                    "max_model_len": self.max_model_len, "closed": self._closed}
+                    "max_model_len": self.max_model_len, "closed": self._closed, "tier": self._tier}
+
+    def weight_tensors(self) -> list[torch.Tensor]:
+        """The tensors the model computes with now (device, or host copies while parked);
+        tied and pool-deduplicated weights appear once per use."""
+        return [t for t in self.runner.weights() if t is not None]
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def tier(self) -> str:
+        """"device" (serving), "host" (parked) or "moving" (between the two)."""
+        return self._tier
+
+    @property
+    def parked(self) -> ParkState | None:
+        """What the last `park()` did while the engine is parked; None on the device."""
+        return self._parked
+
+    # ------------------------------------------------------------------------------ tiers
+    def park(self, pin_memory: bool = True) -> int:
+        """Move the weights this engine holds alone to host memory (pinned when `pin_memory`
+        and the device is CUDA) and free its KV pool and CUDA graphs -> weight bytes moved.
+
+        The engine must be idle: with requests queued or running this raises RuntimeError
+        (drain first); once parked, `submit` raises EngineParkedError until `unpark()`.
+        Tensors another engine also holds through the TensorPool stay on the device, with
+        this engine's claim (moving them would free nothing); `parked.shared_bytes` says
+        how many. On CPU the "host" copy is a clone, so the path is the GPU one. Parking
+        a parked engine returns 0. If a host copy cannot be made nothing changes.
+        """
+        with self._op_lock:
+            with self._cond:
+                if self._closed:
+                    raise EngineClosedError("engine is closed")
+                if self._tier != "device":
+                    return 0
+                busy = len(self.scheduler.running) + len(self.scheduler.waiting)
+                if busy:
+                    raise RuntimeError(f"cannot park: {busy} requests queued or running; let them finish "
+                                       "(or cancel them) first")
+                self._tier = "moving"                      # submit refuses from here on
+                while self._in_step and not self._closed:  # a step whose requests were all cancelled
+                    self._cond.wait()
+                if self._closed:
+                    raise EngineClosedError("engine closed while parking")
+            try:
+                state = self._park(pin_memory and self.device.type == "cuda")
+            except BaseException:
+                with self._cond:
+                    self._tier = "device"
+                raise
+            with self._cond:
+                self._parked, self._tier = state, "host"
+            log.info("%s parked: %d weight bytes to host%s, %d shared bytes left on %s, %d KV bytes freed",
+                     self.model_dir, state.moved_bytes, " (pinned)" if state.pinned else "",
+                     state.shared_bytes, self.device, state.kv_bytes)
+            return state.moved_bytes
+
+    def _park(self, pin: bool) -> ParkState:
+        runner = self.runner
+        self._sync_stream()                                # nothing of ours may still read them
+        claims = self._pool.claims(self._owner) if self._pool is not None and self._owner is not None else {}
+        key_of = {id(t): k for k, (t, _) in claims.items()}
+        shared = {id(t) for t, holders in claims.values() if holders > 1}
+        del claims
+        # 1. host copies of what we hold alone (may fail, e.g. host OOM: nothing changed yet)
+        host, moved, kept, seen = {}, 0, 0, set()
+        for t in self.weight_tensors():
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            if id(t) in shared:
+                kept += t.nbytes
+            else:
+                host[id(t)] = _to_host(t, pin)
+                moved += t.nbytes
+        t = None
+        # 2. point the model at them and drop every device reference we own (no allocation)
+        had_graphs = getattr(runner, "graphs", None) is not None
+        if had_graphs:
+            runner.graphs.release()
+            runner.graphs = None
+        if runner.path == "lean":
+            runner.model.replace_weights(host)
+            runner.model.kv_layers = []
+            self._host = {id(h): (h, key_of.get(i)) for i, h in host.items()}
+        else:  # transformers fallback: never pooled; in place, so the Parameter objects stay
+            params = [p for p in self.weight_tensors() if id(p) in host]
+            for p in params:
+                p.data = host[id(p)]
+            self._host = {id(p): (p, None) for p in params}
+            del params
+        for i in host:
+            if key_of.get(i) is not None:
+                self._pool.release_key(key_of[i], self._owner)
+        kv_bytes = 0
+        if self.kv is not None:
+            kv_bytes = self.kv.nbytes
+            self.kv.release()
+            self.kv = None
+        if self.device.type == "cuda":
+            _empty_cache()
+        return ParkState(moved, kept, kv_bytes, pin, had_graphs)
+
+    def unpark(self) -> int:
+        """Copy the parked weights back to the device, allocate a fresh KV pool and, on CUDA,
+        recapture the decode graphs -> weight bytes copied. A weight another engine loaded
+        meanwhile (same TensorPool key) is shared instead of copied. Raises (out of memory,
+        ...) with the engine still parked. 0 when not parked."""
+        with self._op_lock:
+            with self._cond:
+                if self._closed:
+                    raise EngineClosedError("engine is closed")
+                if self._tier != "host":
+                    return 0
+                state = self._parked
+                self._tier = "moving"
+            try:
+                n = self._unpark(state)
+            except BaseException:
+                with self._cond:
+                    self._tier = "host"
+                raise
+            with self._cond:
+                self._parked, self._tier = None, "device"
+            return n
+
+    def _unpark(self, state: ParkState) -> int:
+        dev, runner = self.device, self.runner
+        pool, owner = self._pool, self._owner
+        back, acquired, nbytes = {}, [], 0
+
+        def copy(h: torch.Tensor) -> torch.Tensor:
+            nonlocal nbytes
+            nbytes += h.nbytes
+            return h.clone() if dev.type == "cpu" else h.to(dev, non_blocking=True)
+
+        kv = None
+        try:
+            for i, (h, key) in self._host.items():
+                if key is not None and pool is not None:
+                    back[i] = pool.acquire(key, owner, lambda h=h: copy(h))
+                    acquired.append(key)
+                else:
+                    back[i] = copy(h)
+            if self._kv_layout is not None:
+                kv = KVCache(self._kv_layout, dev)
+            if dev.type == "cuda":
+                torch.cuda.current_stream(dev).synchronize()   # copies done before the engine's stream reads
+        except BaseException:
+            for key in acquired:
+                pool.release_key(key, owner)
+            back = kv = None
+            if dev.type == "cuda":
+                _empty_cache()
+            raise
+        if runner.path == "lean":
+            runner.model.replace_weights(back)
+            runner.model.kv_layers = kv.layers if kv is not None else []
+        else:
+            for p in self.weight_tensors():
+                if id(p) in back:
+                    p.data = back[id(p)].data
+        self.kv, self._host = kv, {}
+        if dev.type == "cuda" and state.graphs and runner.path == "lean":
+            from slotserve.cuda_graphs import DecodeGraphs
+
+            runner.graphs = DecodeGraphs.try_capture(runner, self.max_batch, self._stream)
+        return nbytes
+
+    def _sync_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.synchronize()
 
     def close(self) -> None:
         """Stop the step thread, fail what is still queued or running, free the KV pool."""
@@ -495,22 +751,34 @@ class Engine:
                 return
             self._closed = True
             self._cond.notify_all()
-        if threading.current_thread() is not self._thread:
+        on_step_thread = threading.current_thread() is self._thread
+        if not on_step_thread:
             self._thread.join()
-        with self._cond:
-            self._fail(list(self.scheduler.running) + list(self.scheduler.waiting),
-                       EngineClosedError("engine closed before the request finished"))
-        graphs = getattr(self.runner, "graphs", None)
-        if graphs is not None:
-            graphs.release()
-            self.runner.graphs = None
-        if self.kv is not None:
-            self.kv.release()
-        if self._pool is not None and self._owner is not None:
-            self._pool.release(self._owner)
-        self.runner = _ClosedRunner(self.runner)
+        # a park/unpark in progress finishes first (not on the step thread: a park may be
+        # waiting for this very step to end)
+        with self._op_lock if not on_step_thread else contextlib.nullcontext():
+            with self._cond:
+                self._fail(list(self.scheduler.running) + list(self.scheduler.waiting),
+                           EngineClosedError("engine closed before the request finished"))
+            try:
+                self._sync_stream()                        # a failed step may have left work queued
+            except Exception:  # noqa: BLE001 - a broken device must not stop the rest of close
+                log.exception("synchronizing the engine's stream at close failed")
+            graphs = getattr(self.runner, "graphs", None)
+            if graphs is not None:
+                graphs.release()
+                self.runner.graphs = None
+            if self.kv is not None:
+                self.kv.release()
+            if self._pool is not None and self._owner is not None:
+                self._pool.release(self._owner)
+            self._host = {}
+            self.runner = _ClosedRunner(self.runner)
+            if self._stream is not None:
+                from slotserve.cuda_graphs import release_stream
+                release_stream(self._stream)
         if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+            _empty_cache()
 
     def __enter__(self) -> "Engine":
         return self
@@ -533,6 +801,21 @@ class _ClosedRunner:
 
 
 # ---------------------------------------------------------------------------------- helpers
+def _empty_cache() -> None:
+    from slotserve.cuda_graphs import empty_cache   # not while another engine captures
+
+    empty_cache()
+
+
+def _to_host(t: torch.Tensor, pin: bool) -> torch.Tensor:
+    """A host copy of `t` (pinned when `pin`); on CPU a clone, so parking there takes the GPU's path."""
+    if t.device.type == "cpu":
+        return t.clone()
+    host = torch.empty_like(t, device="cpu", pin_memory=pin)
+    host.copy_(t)
+    return host
+
+
 def _resolve(path: Path) -> tuple[Path, dict, dict[str, str] | None]:
     """-> (HF model dir, serving.json dict, {weight file name: sha256} from the manifest or None)."""
     if not path.is_dir():

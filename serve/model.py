@@ -234,6 +234,15 @@ class LeanModel:
             out += [t for t in vars(layer).values() if t is not None]
         return out
 
+    def replace_weights(self, new: dict[int, torch.Tensor]) -> None:
+        """Point every weight attribute holding tensor `t` with id(t) in `new` at new[id(t)]
+        (the engine's park/unpark: tied weights stay one object)."""
+        for obj, names in [(self, ("embed", "norm", "lm_head"))] + [(la, tuple(vars(la))) for la in self.layers]:
+            for name in names:
+                t = getattr(obj, name)
+                if t is not None and id(t) in new:
+                    setattr(obj, name, new[id(t)])
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMeta) -> torch.Tensor:
         """input_ids[T], positions[T] -> (hidden[T, H], residual[T, H]) before the final norm."""

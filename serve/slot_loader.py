@@ -84,8 +84,8 @@ def load_engine(bundle_path: Path, device, pool, kv_cache_tokens: int, enforce_e
     """The bundle's engine on `device`, its weights through the shared tensor pool.
 
     kv_cache_tokens comes from the planner (serving.json rounded to blocks), so the
-    engine allocates exactly what was planned. enforce_eager: skip CUDA graph capture,
-    which is unsafe while another engine on the device is running (see SlotManager.load)."""
+    engine allocates exactly what was planned. enforce_eager: skip CUDA graph capture
+    (capturing beside a running engine is fine: each engine captures on its own stream)."""
     from slotserve.engine import Engine
 
     return Engine.from_pretrained(bundle_path, device=str(device), tensor_pool=pool,

@@ -130,17 +130,12 @@ class SlotManager:
                 need = estimate(bundle, device=str(self.device), shared=shared_fn(bundle, self._all_slots()),
                                 headroom_bytes=self.headroom_bytes)
                 plan(need, self.device_memory(), self._held())
-            # CUDA graph capture (in Engine.from_pretrained) runs in global capture mode on
-            # the legacy default stream, so another engine's step during it fails ("operation
-            # not permitted when stream is capturing"). Until the engine captures thread-
-            # locally on its own stream, only a load with no other engine running captures.
-            eager = self.device.type == "cuda" and bool(self._all_slots())
             injector = FaultInjector(faults, bundle.digest)
             cfg, serving = _json(bundle.path / "model" / "config.json"), bundle.serving
             try:
                 injector.on_load()  # faults.oom_after == 0 drills an OOM right here
                 engine = load_engine(bundle.path, self.device, self.pool,
-                                     kv_tokens(cfg, serving, str(self.device)), eager)
+                                     kv_tokens(cfg, serving, str(self.device)))
                 try:
                     tokenizer = same_tokenizer(bundle, self._all_slots()) or load_tokenizer(bundle)
                 except BaseException:
@@ -275,9 +270,11 @@ class SlotManager:
             if not s.wait_idle(timeout):
                 s.tier = "device"
                 raise SlotError(f"cannot park {slot}: {s.inflight} requests still running after {timeout}s")
-            keep = {k for o in self._all_slots() if o is not s and o.tier == "device"
-                    for k in _storage_keys(o.engine)}
-            s.parked = tiers.park(s.engine, keep)
+            try:
+                s.parked = tiers.park(s.engine)   # what another engine shares stays on the device
+            except BaseException:
+                s.tier = "device"                 # the engine changed nothing
+                raise
             s.tier = "host"
             return s.parked.moved_bytes
 
@@ -287,12 +284,11 @@ class SlotManager:
             s = self.slot(slot)
             if s.tier != "host":
                 return 0
-            need = LoadEstimate(s.parked.moved_bytes, _kv_nbytes(s.parked.kv_layout), 0)
+            need = LoadEstimate(s.parked.moved_bytes, s.parked.kv_bytes, 0)
             plan(need, self.device_memory(), self._held())
             s.tier = "moving"
             try:
-                others = [o for o in self._all_slots() if o is not s]
-                n = tiers.unpark(s.engine, s.parked, recapture=not others)  # see load(): capture
+                n = tiers.unpark(s.engine)
             except BaseException:
                 s.tier = "host"
                 raise
@@ -437,14 +433,6 @@ def _params(params):
     if isinstance(params, dict):
         return SamplingParams(**params)
     return params
-
-
-def _storage_keys(engine) -> set:
-    return {tiers.storage_key(t) for t in engine.runner.weights() if t is not None}
-
-
-def _kv_nbytes(layout) -> int:
-    return 0 if layout is None else layout.total_bytes
 
 
 def _json(path):

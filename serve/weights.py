@@ -81,6 +81,25 @@ class TensorPool:
                 if not holders:
                     del self._entries[key]
 
+    def release_key(self, key: Hashable, owner: object) -> None:
+        """Drop `owner`'s claim on one entry (freed when nobody holds it any more)."""
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None:
+                hit[1].discard(owner)
+                if not hit[1]:
+                    del self._entries[key]
+
+    def claims(self, owner: object) -> dict[Hashable, tuple[torch.Tensor, int]]:
+        """{key: (tensor, number of holders)} for every entry `owner` holds."""
+        with self._lock:
+            return {k: (t, len(h)) for k, (t, h) in self._entries.items() if owner in h}
+
+    def refcounts(self) -> dict[Hashable, int]:
+        """{key: number of holders} (tests, debugging)."""
+        with self._lock:
+            return {k: len(h) for k, (_, h) in self._entries.items()}
+
     def shared_bytes(self, owner: object) -> int:
         """Bytes of tensors `owner` holds that at least one other holder also holds."""
         with self._lock:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
@@ -80,3 +82,60 @@ def test_seeded_sampling_on_cuda(tiny):
         a = eng.generate([PROMPTS[0]], sp)[0]
         b = eng.generate(PROMPTS[:4], [sp] + [SamplingParams(temperature=1.0, max_tokens=16)] * 3)[0]
     assert a == b
+
+
+def test_capture_and_recapture_beside_a_decoding_engine(tiny, monkeypatch):
+    """Engine B captures its decode graphs (at load, and again when unparked) while engine A
+    decodes in its step thread, replaying its own graphs. Before per-engine streams and
+    thread-local capture, A's steps failed with "operation not permitted when stream is
+    capturing". Both must give eager's tokens, and A must have stepped during each capture."""
+    import threading
+
+    from slotserve import cuda_graphs
+
+    _, path = tiny
+    kw = dict(device="cuda", dtype="float32", max_batch=8)
+    sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    with Engine.from_pretrained(path, enforce_eager=True, **kw) as ref:
+        want = ref.generate(PROMPTS, sp)
+    a = Engine.from_pretrained(path, **kw)
+    b = None
+    assert a.runner.graphs is not None
+    stop, outs, errors, during = threading.Event(), [], [], []
+
+    def keep_a_busy():
+        try:
+            while not stop.is_set():
+                outs.append(a.generate(PROMPTS, sp))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    real_init = cuda_graphs.DecodeGraphs.__init__
+
+    def watched(self, *args, **kwargs):   # A's steps taken while B captures
+        s0 = a.stats()["steps"]
+        real_init(self, *args, **kwargs)
+        during.append(a.stats()["steps"] - s0)
+
+    monkeypatch.setattr(cuda_graphs.DecodeGraphs, "__init__", watched)
+    busy = threading.Thread(target=keep_a_busy, daemon=True)
+    busy.start()
+    try:
+        while a.stats()["steps"] < 4 and not errors:
+            time.sleep(0.001)
+        b = Engine.from_pretrained(path, **kw)            # capture #1, beside A
+        assert b.runner.graphs is not None, "B's graphs were not captured"
+        assert b.generate(PROMPTS, sp) == want
+        assert b.park() > 0 and b.runner.graphs is None and b.memory().kv_bytes == 0
+        assert b.unpark() > 0                             # capture #2, beside A
+        assert b.runner.graphs is not None, "B's graphs were not recaptured"
+        assert b.generate(PROMPTS, sp) == want
+    finally:
+        stop.set()
+        busy.join(120)
+        a.close()
+        if b is not None:
+            b.close()
+    assert not errors, errors
+    assert len(during) == 2 and all(n > 0 for n in during), during   # A really ran during both
+    assert outs and all(o == want for o in outs)
