@@ -86,14 +86,20 @@ def call(args, method: str, path: str, body=None) -> dict:
                           timeout=args.timeout)
     except httpx.HTTPError as exc:
         raise AdminError(f"cannot reach {args.url}: {exc} (is `slotserve serve` running?)") from None
+    return admin_result(r, method, path)
+
+
+def admin_result(r: "httpx.Response", method: str, path: str, error: type[Exception] | None = None) -> dict:
+    """The JSON body of an admin API answer, or `error` with the server's message in it."""
+    error = error or AdminError
     try:
         data = r.json()
     except ValueError:
-        raise AdminError(f"{method} {path}: HTTP {r.status_code}: {r.text[:200]}") from None
+        raise error(f"{method} {path}: HTTP {r.status_code}: {r.text[:200]}") from None
     if r.status_code >= 400:
         msg = data.get("error", {}).get("message") if isinstance(data, dict) else None
         hint = " (check --token / $SLOTSERVE_ADMIN_TOKEN)" if r.status_code == 401 else ""
-        raise AdminError(f"HTTP {r.status_code}: {msg or r.text[:200]}{hint}")
+        raise error(f"{method} {path}: HTTP {r.status_code}: {msg or r.text[:200]}{hint}")
     return data
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import httpx
 
+from slotserve.admin_client import admin_result
+
 PROMPTS = (
     "Tell me a short story about a lighthouse.",
     "What is the capital of France?",
@@ -182,15 +184,7 @@ class Admin:
             r = await self.client.request(method, path, json=body, **kw)
         except httpx.HTTPError as exc:
             raise DrillError(f"cannot reach {self.client.base_url}: {type(exc).__name__}: {exc}") from None
-        try:
-            data = r.json()
-        except ValueError:
-            raise DrillError(f"{method} {path}: HTTP {r.status_code}: {r.text[:200]}") from None
-        if r.status_code >= 400:
-            msg = data.get("error", {}).get("message") if isinstance(data, dict) else None
-            hint = " (check --token / $SLOTSERVE_ADMIN_TOKEN)" if r.status_code == 401 else ""
-            raise DrillError(f"{method} {path}: HTTP {r.status_code}: {msg or r.text[:200]}{hint}")
-        return data
+        return admin_result(r, method, path, DrillError)
 
     async def poll(self) -> Poll:
         sent = time.time()
