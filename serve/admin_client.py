@@ -18,6 +18,10 @@ import getpass
 import json
 import socket
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # httpx is imported lazily so `slotserve --help` stays fast
+    import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
