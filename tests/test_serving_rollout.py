@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -31,7 +32,8 @@ def store(tmp_path_factory):
     s = Store(root)
     publish_demo(s, "demo", seed=0)                     # demo:1 live
     publish_demo(s, "demo", seed=1)                     # demo:2 healthy candidate
-    for seed, faults in ((2, {"error_rate": 1.0}), (3, {"oom_after": 1})):   # demo:3, demo:4
+    for seed, faults in ((2, {"error_rate": 1.0}), (3, {"oom_after": 1}),    # demo:3, demo:4
+                         (4, {"latency_ms": 300})):                          # demo:5
         src = tmp_path_factory.mktemp(f"src{seed}")
         build_demo_model("llama", seed, src)
         s.publish(src, "demo", serving={"faults": faults}, reason="drill bundle")
@@ -55,14 +57,14 @@ async def serving(store, app):
         rep.mgr.close()
 
 
-async def traffic(c, until, results, n_clients=4):
+async def traffic(c, until, results, n_clients=4, extra=None):
     async def one(i):
         k = 0
         while not until():
             k += 1
             r = await c.post("/v1/chat/completions", headers={"x-session-id": f"user-{i}-{k}"},
                              json={"model": "demo", "messages": [{"role": "user", "content": "hi"}],
-                                   "max_tokens": 3})
+                                   "max_tokens": 3, **(extra or {})})
             results.append((r.status_code, r.headers.get("x-slotserve-bundle")))
             await asyncio.sleep(0)  # in-process transport: let the controller and watcher run
     await asyncio.gather(*(one(i) for i in range(n_clients)))
@@ -72,7 +74,7 @@ async def phase(c):
     return (await c.get("/admin/rollout", headers=AUTH)).json()
 
 
-async def run_until(c, done, timeout=60):
+async def run_until(c, done, timeout=60, extra=None):
     results = []
     t0 = time.time()
     state = {}
@@ -85,7 +87,7 @@ async def run_until(c, done, timeout=60):
             await asyncio.sleep(0.05)
 
     w = asyncio.create_task(watcher())
-    await traffic(c, lambda: w.done(), results)
+    await traffic(c, lambda: w.done(), results, extra=extra)
     await w
     assert done(state["r"]), state["r"]
     return results, state["r"]
@@ -234,4 +236,87 @@ def test_eval_gate_runs_before_the_first_step(store, tmp_path):
             assert "eval" in led
             # the logical name stays "demo" although the new live is called evalbot
             assert all(code == 200 for code, _ in results) and results[-1][1] == ref
+    asyncio.run(go())
+
+
+def test_slow_candidate_is_rolled_back_by_relative_latency(store):
+    async def go():
+        async with serving(store, "canary-slow") as (c, ctl):
+            spec = {"bundle": "demo:5", "strategy": "canary", "steps": [50, 100], "bake": "30s",
+                    "min_requests": 4,
+                    "guards": [{"metric": "p99_latency_ms", "op": ">", "value": 1.5, "relative_to": "live",
+                                "action": "rollback", "min_samples": 5}]}
+            assert (await c.post("/admin/rollout", json=spec, headers=AUTH)).status_code == 200
+            results, st = await run_until(c, lambda s: s["phase"] in ("promoted", "rolled_back"))
+            assert st["phase"] == "rolled_back" and "p99_latency_ms" in st["reason"], st
+            assert all(code == 200 for code, _ in results)   # slow, not failed
+    asyncio.run(go())
+
+
+async def _greedy(c, model: str, *, chat: bool, max_tokens: int, text: str) -> str:
+    """What `model` (a slot pinned by name:version) answers greedily."""
+    if chat:
+        r = await c.post("/v1/chat/completions", json={"model": model, "max_tokens": max_tokens, "temperature": 0,
+                                                       "messages": [{"role": "user", "content": text}]})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"]
+    r = await c.post("/v1/completions", json={"model": model, "prompt": text, "max_tokens": max_tokens,
+                                              "temperature": 0})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def _publish(store, tmp_path, seed: int, **kw) -> str:
+    src = tmp_path / f"src{seed}"
+    build_demo_model("llama", seed, src)
+    m = store.publish(src, "demo", reason="rollout test candidate", **kw)
+    return m.ref
+
+
+def test_candidate_tripping_the_safety_filter_is_rolled_back(store, tmp_path):
+    """The candidate says something live never says; the filter is told to block it."""
+    cand = _publish(store, tmp_path, 11)
+
+    async def probe():   # what each bundle answers greedily, read through pinned requests
+        async with serving(store, "safety-probe") as (c, ctl):
+            assert (await c.post("/admin/load", json={"bundle": cand}, headers=AUTH)).status_code == 200
+            return (await _greedy(c, cand, chat=True, max_tokens=3, text="hi"),
+                    await _greedy(c, "demo:1", chat=True, max_tokens=3, text="hi"))
+    said, live_said = asyncio.run(probe())
+    assert said.strip() and said != live_said, (said, live_said)
+
+    async def go():
+        async with serving(store, "canary-safety") as (c, ctl):
+            spec = {"bundle": cand, "strategy": "canary", "steps": [50, 100], "bake": "30s", "min_requests": 4,
+                    "safety": {"patterns": [re.escape(said)], "include_defaults": False},
+                    "guards": [{"metric": "safety_hit_rate", "op": ">", "value": 0.2, "action": "rollback",
+                                "min_samples": 5}]}
+            assert (await c.post("/admin/rollout", json=spec, headers=AUTH)).status_code == 200
+            results, st = await run_until(c, lambda s: s["phase"] in ("promoted", "rolled_back"),
+                                          extra={"temperature": 0})
+            assert st["phase"] == "rolled_back" and "safety_hit_rate" in st["reason"], st
+            assert all(code == 200 for code, _ in results)
+    asyncio.run(go())
+
+
+def test_candidate_failing_its_eval_is_rolled_back_before_taking_traffic(store, tmp_path):
+    """The eval set expects live's exact answer; a different model cannot give it."""
+    async def probe():
+        async with serving(store, "eval-probe") as (c, ctl):
+            return await _greedy(c, "demo:1", chat=False, max_tokens=32, text="hello")
+    expected = asyncio.run(probe())
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text(json.dumps({"prompt": "hello", "expected": expected, "match": "exact"}) + "\n")
+    cand = _publish(store, tmp_path, 12, eval_file=evals)
+
+    async def go():
+        async with serving(store, "eval-fail") as (c, ctl):
+            spec = {"bundle": cand, "strategy": "canary", "steps": [50, 100], "bake": "30s", "min_requests": 4,
+                    "guards": [{"metric": "eval_score", "op": "<", "value": 0.95, "relative_to": "live",
+                                "action": "rollback"}]}
+            assert (await c.post("/admin/rollout", json=spec, headers=AUTH)).status_code == 200
+            results, st = await run_until(c, lambda s: s["phase"] in ("promoted", "rolled_back", "aborted"))
+            assert st["phase"] == "rolled_back" and "eval_score" in st["reason"], st
+            assert all(code == 200 for code, _ in results)
+            assert all(b == "demo:1" for _, b in results)   # gated: the candidate never answered
     asyncio.run(go())
