@@ -17,23 +17,27 @@ it can be tested with no Ray and no HTTP:
 The first token is awaited before the HTTP response starts, so admission errors
 (400), overload (429) and candidate failures become statuses or retries rather than a
 broken stream.
+
+Preparing a request (prompt rendering, context checks, sampling parameters) lives in
+slotserve.preparation; the started generation and the response or SSE stream built
+from it (`Run`) in slotserve.response. Both are re-exported here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Callable, Mapping, Protocol
 
 from slotserve.bundle_view import BundleView, TextStream
-from slotserve.protocol import (APIError, ChatChoice, ChatChunkChoice, ChatCompletion,
-                                ChatCompletionChunk, Completion,
-                                CompletionChoice, Delta, FeedbackRequest,
-                                ResponseMessage, Usage, new_id, now)
+from slotserve.preparation import DEFAULT_MAX_TOKENS, Prepared, prepare
+from slotserve.protocol import APIError, FeedbackRequest, new_id
+from slotserve.response import Run, _Resume
 
-DEFAULT_MAX_TOKENS = 256
+__all__ = ["DEFAULT_MAX_TOKENS", "SLOT_NAMES", "Backend", "BundleView", "GenerationHandle",
+           "Handler", "Outcome", "Prepared", "Routing", "Run", "TextStream"]
+
 SLOT_NAMES = ("live", "previous", "candidate")
 
 
@@ -79,163 +83,6 @@ class Outcome:
     error_kind: str | None = None    # exception class name
     greedy: bool = False
     cancelled: bool = False
-
-
-# ---------------------------------------------------------------- one request
-
-@dataclass
-class Prepared:
-    kind: str                 # "chat" | "completion"
-    request: Any
-    slot: str
-    pinned: bool
-    view: BundleView
-    prompt_ids: list[int]
-    params: dict
-    retried_from: str | None = None   # name:version that failed before live answered
-
-
-class Run:
-    """A started generation: first token already in hand (or the request finished)."""
-
-    def __init__(self, handler: "Handler", prep: Prepared, handle, stream: TextStream,
-                 first: list[int], done: bool, t0: float, ttft: float | None):
-        self.h, self.prep, self.handle, self.stream = handler, prep, handle, stream
-        self.first, self.done, self.t0, self.ttft = first, done, t0, ttft
-        self.id = handler.response_id(prep.view, "chatcmpl" if prep.kind == "chat" else "cmpl")
-        self.created = now()
-        self.finished = False
-        self._recorded = False
-        self.ended = asyncio.Event()     # set once the outcome is recorded (shadow diffs wait on it)
-        self.error: BaseException | None = None
-
-    def close(self) -> None:
-        """Idempotent: cancel the engine request and record it if it never finished
-        (the client went away before or while its response was sent)."""
-        if not self._recorded:
-            self.handle.cancel()
-            self._record(False, None, True)
-
-    def _record(self, ok: bool, err: BaseException | None, cancelled: bool) -> None:
-        if not self._recorded:
-            self._recorded = True
-            self.error = err
-            self.cancelled = cancelled
-            self.h._observe_run(self, ok, err, cancelled)
-            self.ended.set()
-
-    @property
-    def view(self) -> BundleView:
-        return self.prep.view
-
-    def headers(self) -> dict[str, str]:
-        h = self.view.headers()
-        if self.prep.retried_from:
-            h["x-slotserve-retried-from"] = self.prep.retried_from
-        return h
-
-    async def deltas(self) -> AsyncIterator[str]:
-        """Text pieces until the end; records the outcome; cancels the engine on exit."""
-        ok, err, cancelled = False, None, False
-        try:
-            for t in self.first:
-                if piece := self.stream.push(t):
-                    yield piece
-            if not self.done and not self.stream.stopped:
-                async for t in self.handle:
-                    if piece := self.stream.push(t):
-                        yield piece
-                    if self.stream.stopped:
-                        break
-            if piece := self.stream.flush():
-                yield piece
-            ok = True
-        except asyncio.CancelledError:
-            cancelled = True
-            raise
-        except GeneratorExit:
-            cancelled = True
-            raise
-        except Exception as exc:
-            err = exc
-            raise
-        finally:
-            if self.stream.stopped or not ok:
-                self.handle.cancel()  # frees the KV blocks of an abandoned request
-            self.finished = ok
-            self._record(ok, err, cancelled)
-
-    @property
-    def finish_reason(self) -> str:
-        if self.stream.stopped:
-            return "stop"
-        reason = getattr(self.handle, "finish_reason", None)
-        return "length" if reason == "length" else "stop"
-
-    def usage(self) -> Usage:
-        return Usage.of(len(self.prep.prompt_ids), len(self.stream.ids))
-
-    # -- whole responses
-
-    async def response(self) -> dict:
-        text = "".join([p async for p in self.deltas()])
-        v = self.view
-        if self.prep.kind == "chat":
-            body = ChatCompletion(id=self.id, created=self.created, model=v.ref,
-                                  system_fingerprint=v.digest,
-                                  choices=[ChatChoice(message=ResponseMessage(content=text),
-                                                      finish_reason=self.finish_reason)],
-                                  usage=self.usage())
-        else:
-            body = Completion(id=self.id, created=self.created, model=v.ref,
-                              system_fingerprint=v.digest,
-                              choices=[CompletionChoice(text=text, finish_reason=self.finish_reason)],
-                              usage=self.usage())
-        return body.model_dump(mode="json")
-
-    async def sse(self) -> AsyncIterator[str]:
-        """Server-sent events: `data: {chunk}\\n\\n` ... `data: [DONE]\\n\\n`."""
-        v, chat = self.view, self.prep.kind == "chat"
-        include_usage = self.prep.request.include_usage
-
-        def chunk(content: str | None, finish: str | None, role: bool = False,
-                  usage: Usage | None = None, empty: bool = False) -> str:
-            if chat:
-                choices = [] if empty else [ChatChunkChoice(
-                    delta=Delta(role="assistant" if role else None, content=content),
-                    finish_reason=finish)]
-                body = ChatCompletionChunk(id=self.id, created=self.created, model=v.ref,
-                                           system_fingerprint=v.digest, choices=choices,
-                                           usage=usage)
-            else:
-                choices = [] if empty else [CompletionChoice(text=content or "", finish_reason=finish)]
-                body = Completion(id=self.id, created=self.created, model=v.ref,
-                                  system_fingerprint=v.digest, choices=choices, usage=usage)
-            data = body.model_dump(mode="json", exclude_none=False)
-            if chat and not include_usage:
-                data.pop("usage", None)
-            return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
-
-        if chat:
-            yield chunk("", None, role=True)
-        gen = self.deltas()
-        try:
-            async for piece in gen:
-                yield chunk(piece, None)
-        except (asyncio.CancelledError, GeneratorExit):
-            raise
-        except Exception as exc:  # after the first token: report in-band, then end
-            err = self.h.error_from(exc, self.prep)
-            yield f"data: {json.dumps(err.body())}\n\n"
-            yield "data: [DONE]\n\n"
-            return
-        finally:
-            await gen.aclose()  # closing here, not at GC, frees the engine request now
-            self.close()
-        yield chunk(None if chat else "", self.finish_reason)
-        if include_usage:
-            yield chunk(None, None, usage=self.usage(), empty=True)
-        yield "data: [DONE]\n\n"
 
 
 # ---------------------------------------------------------------- the handler
@@ -299,40 +146,7 @@ class Handler:
     # -- preparing a request
 
     def prepare(self, kind: str, req, slot: str, pinned: bool) -> Prepared:
-        views = self.backend.views()
-        if slot not in views:
-            raise APIError(503, f"slot {slot} is empty on this replica", code="not_ready")
-        view = views[slot]
-        if kind == "chat":
-            ids = view.render_chat([{"role": m.role, "content": m.text()} for m in req.messages])
-        else:
-            ids = view.encode(req.prompt)
-        if not ids:
-            raise APIError(400, "prompt is empty after tokenisation", param="prompt")
-        ctx = view.max_model_len
-        if len(ids) >= ctx:
-            raise APIError(400, f"the prompt is {len(ids)} tokens but {view.ref}'s context is "
-                                f"{ctx} tokens; shorten the prompt",
-                           param="messages" if kind == "chat" else "prompt",
-                           code="context_length_exceeded")
-        limit = req.token_limit()
-        if limit is not None and len(ids) + limit > ctx:
-            raise APIError(400, f"max_tokens={limit} plus the prompt ({len(ids)} tokens) exceeds "
-                                f"{view.ref}'s context of {ctx} tokens; ask for at most "
-                                f"{ctx - len(ids)}", param="max_tokens",
-                           code="context_length_exceeded")
-        if limit is None:
-            limit = min(int(view.sampling.get("max_tokens") or DEFAULT_MAX_TOKENS), ctx - len(ids))
-        d = view.sampling
-        params = {
-            "temperature": _pick(req.temperature, d.get("temperature"), 1.0),
-            "top_p": _pick(req.top_p, d.get("top_p"), 1.0),
-            "top_k": _pick(req.top_k, d.get("top_k"), 0),
-            "max_tokens": limit,
-            "stop_token_ids": tuple(view.eos_ids),
-            "seed": req.seed,
-        }
-        return Prepared(kind, req, slot, pinned, view, ids, params)
+        return prepare(self.backend.views(), kind, req, slot, pinned)
 
     # -- running
 
@@ -490,29 +304,6 @@ class Handler:
             if view.digest.split(":")[-1].startswith(prefix):
                 return slot, view
         return None, None
-
-
-class _Resume:
-    """The engine handle, resumed after the first token was taken from its iterator."""
-
-    def __init__(self, it, handle):
-        self._it, self._h = it, handle
-
-    def __aiter__(self):
-        return self._it
-
-    @property
-    def finish_reason(self):
-        return getattr(self._h, "finish_reason", None)
-
-    def cancel(self):
-        self._h.cancel()
-
-
-def _pick(req_value, default, fallback):
-    if req_value is not None:
-        return req_value
-    return default if default is not None else fallback
 
 
 # Failures that say nothing about the bundle: do not retry them on live.
