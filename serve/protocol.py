@@ -84,8 +84,29 @@ def describe_validation_error(exc: ValidationError | Any) -> tuple[str, str | No
 
 # ---------------------------------------------------------------- shared pieces
 
+def _check_encodable(v: Any, where: str = "body") -> None:
+    """JSON may carry lone surrogates ("\\udcff") that no tokenizer can encode: refuse them here."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where}: text must be valid Unicode (a lone surrogate is not)") from None
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            _check_encodable(x, str(k))
+    elif isinstance(v, list):
+        for x in v:
+            _check_encodable(x, where)
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data: Any) -> Any:
+        _check_encodable(data)
+        return data
 
 
 class StreamOptions(_Model):
@@ -149,7 +170,7 @@ class _Sampling(_Model):
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0)  # extension (vLLM-style); 0 = off
+    top_k: int | None = Field(default=None, ge=0, lt=1 << 31)  # extension (vLLM-style); 0 = off
     n: int = Field(default=1, ge=1)
     stop: Union[str, list[str], None] = None
     stream: bool = False

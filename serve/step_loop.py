@@ -111,7 +111,9 @@ class StepLoop:
             tok = K.sample(
                 logits,
                 torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev),
-                torch.tensor([p.top_k for p in params], dtype=torch.int32, device=dev),
+                # top_k above the vocabulary means "off": clamp so no request's value can
+                # overflow the shared int32 tensor and fail the whole batch.
+                torch.tensor([min(p.top_k, logits.shape[-1]) for p in params], dtype=torch.int32, device=dev),
                 torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
                 torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev),
                 torch.tensor([s.num_output for s in seqs], dtype=torch.int64, device=dev),

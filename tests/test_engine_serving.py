@@ -161,6 +161,18 @@ def test_seeded_sampling_is_reproducible_in_any_batch(model_dir):
     assert other != alone and greedy != alone
 
 
+def test_one_requests_huge_top_k_cannot_fail_the_batch(model_dir):
+    # top_k beyond the vocabulary means "off"; it must not overflow the batch's int32 tensor.
+    ps = prompts(3)
+    huge = SamplingParams(temperature=0.8, top_k=2**40, max_tokens=8, seed=1, ignore_eos=True)
+    off = SamplingParams(temperature=0.8, top_k=0, max_tokens=8, seed=1, ignore_eos=True)
+    normal = SamplingParams(temperature=0.7, max_tokens=8, seed=2, ignore_eos=True)
+    with Engine.from_pretrained(model_dir) as eng:
+        out = eng.generate(ps, [huge, normal, normal])
+        assert out[0] == eng.generate([ps[0]], off)[0]
+    assert all(len(o) == 8 for o in out)
+
+
 def test_async_streaming(model_dir, solo):
     ps = prompts(5)
 

@@ -111,6 +111,8 @@ BAD = [
     (json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}).encode(), 404),
     (json.dumps({"model": "demo", "messages": "hello"}).encode(), 400),
     (json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(), 400),
+    (json.dumps({"model": "demo", "messages": [{"role": "user", "content": "x"}], "top_k": 2**31}).encode(), 400),
+    (b'{"model": "demo", "messages": [{"role": "user", "content": "\\udcff"}]}', 400),  # lone surrogate
 ]
 
 
