@@ -234,16 +234,23 @@ class ControllerCore:
     def load(self, ref: str, *, actor: str, evict_previous: bool = False) -> DesiredState:
         if self.rollout is not None and self.rollout.active:
             raise ControlError(409, f"a rollout of {self.rollout.candidate} is in progress "
-                                    "(phase {self.rollout.phase}); abort or promote it first",
+                                    f"(phase {self.rollout.phase}); abort or promote it first",
                                "rollout_in_progress")
         rec = self._resolve(ref)
         if self.state.live and rec.digest == self.state.live.digest:
             raise ControlError(409, f"{rec.ref} is already live", "already_live")
         self._ledger("load", rec.ref, to=rec.ref, reason=f"staged as candidate (by {actor})",
                      actor=actor)
+        changes = {}
+        if evict_previous and self.state.previous is not None:
+            # The replicas drop previous to make room: the desired state must stop
+            # advertising it as the warm rollback target.
+            self._ledger("evict", self.state.previous.ref, from_=self.state.previous.ref,
+                         reason=f"evicted to make room for {rec.ref} (by {actor})", actor=actor)
+            changes["previous"] = None
         return self._set(f"load {rec.ref}", candidate=SlotRef(rec.ref, rec.digest),
                          weights={"live": 100.0}, mirror_fraction=0.0,
-                         evict_previous=evict_previous, rollout_phase=None)
+                         evict_previous=evict_previous, rollout_phase=None, **changes)
 
     def unload_failed(self, ref: str, errors: list[str]) -> DesiredState:
         self._ledger("load", ref, reason="load failed, candidate released: " + "; ".join(errors)[:1500])

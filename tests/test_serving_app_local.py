@@ -248,3 +248,34 @@ def test_rollback_does_not_wait_for_a_running_load(env, tmp_path):
             rep.mgr.close()
 
     asyncio.run(go())
+
+
+def test_evict_previous_stops_advertising_it(env, tmp_path):
+    """`load --evict-previous` drops previous on the replicas; the desired state must say so."""
+    root, store = env
+    from slotserve.bundles.demo import build_demo_model
+    build_demo_model("llama", 21, tmp_path / "src")
+    third = store.publish(tmp_path / "src", "demo", reason="needs the room")
+
+    async def go():
+        ctl = SlotController(str(root), app="evict", bundle="demo:1")
+        rep = Replica(Settings(store=str(root), app="evict", admin_token_sha256=digest(TOKEN)),
+                      LocalController(ctl), replica_id="r1")
+        await rep.start()
+        c = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(rep)), base_url="http://t", timeout=60)
+        try:
+            for path, body in (("/admin/load", {"bundle": "demo:2"}), ("/admin/rollout/promote", {}),
+                               ("/admin/load", {"bundle": third.ref, "evict_previous": True})):
+                r = await c.post(path, json=body, headers=AUTH)
+                assert r.status_code == 200, r.text
+            st = (await c.get("/admin/state", headers=AUTH)).json()
+            assert st["desired"]["previous"] is None and st["desired"]["candidate"]["ref"] == third.ref
+            assert (await c.get("/healthz")).status_code == 200
+            led = (await c.get("/admin/ledger", headers=AUTH)).json()["entries"]
+            assert any(e["action"] == "evict" and e["bundle"] == "demo:1" for e in led)
+        finally:
+            await c.aclose()
+            await rep.stop()
+            rep.mgr.close()
+
+    asyncio.run(go())
