@@ -183,6 +183,13 @@ class RolloutSpec:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise SpecError(f"duplicate guard(s) {', '.join(dup)}; each metric/op/value may appear once")
+        blind = [g.name for g in self.guards if g.relative_to == "live" and g.metric != "eval_score"]
+        if self.plan and self.plan[0] == 100 and blind:
+            # At 100% live serves nothing, so a guard relative to live has nothing to compare
+            # with and could never fire (eval_score is measured on both slots by the gate).
+            raise SpecError(f"guard(s) {', '.join(blind)} compare with live, but the first step sends "
+                            "100% of traffic to the candidate, so live has no samples; start with a "
+                            "smaller step (e.g. steps: [10, 100]) or use absolute values")
         if self.alert_webhook is not None:
             u = urlparse(self.alert_webhook) if isinstance(self.alert_webhook, str) else None
             if u is None or u.scheme not in ("http", "https") or not u.netloc:

@@ -146,3 +146,16 @@ def test_guard_direct_construction_validates():
     assert g.compare(2.0, 1.0) and not g.compare(1.0, 1.0)
     with pytest.raises(SpecError, match="valid metrics"):
         Guard("nope", ">", 1)
+
+
+def test_relative_guard_needs_live_traffic_in_the_first_step():
+    import pytest
+    from slotserve.spec import RolloutSpec, SpecError
+
+    guard = {"metric": "p99_latency_ms", "op": ">", "value": 1.5, "relative_to": "live", "action": "rollback"}
+    with pytest.raises(SpecError, match="live has no samples"):
+        RolloutSpec.parse({"bundle": "b:2", "strategy": "canary", "steps": [100], "guards": [guard]})
+    RolloutSpec.parse({"bundle": "b:2", "strategy": "canary", "steps": [10, 100], "guards": [guard]})
+    # the eval gate measures both slots itself, so it is fine at 100%
+    RolloutSpec.parse({"bundle": "b:2", "strategy": "canary", "steps": [100], "guards": [
+        {"metric": "eval_score", "op": "<", "value": 0.95, "relative_to": "live", "action": "rollback"}]})
