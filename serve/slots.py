@@ -155,7 +155,15 @@ class SlotManager:
             s = Slot(slot, bundle, engine, tokenizer, faults=faults, injector=injector,
                      seq=next(self._seq), load_s=time.perf_counter() - t0)
             with self._lock:
-                self._slots[slot] = s
+                # Swaps do not take _mem_lock: a promote/rollback may have filled the slot
+                # while we loaded. Never overwrite (that would leak an unplanned engine).
+                clash = self._slots.get(slot)
+                if clash is None:
+                    self._slots[slot] = s
+            if clash is not None:
+                engine.close()
+                raise SlotError(f"slot {slot} was filled by {clash.ref} while {bundle.ref} loaded; "
+                                "release it first, then load")
             log.info("loaded %s into %s in %.2fs (%s path)", s.ref, slot, s.load_s, engine.path)
             return s
 
@@ -205,7 +213,17 @@ class SlotManager:
         if prev is None:
             raise SlotError("nothing to roll back to: the previous slot is empty")
         if prev.tier != "device":
-            self.unpark("previous")
+            try:
+                self.unpark("previous")
+            except MemoryPlanError:
+                # Previous was parked to make room for a candidate. Live and previous are
+                # never sacrificed; the candidate is: release it and bring previous back.
+                if self.get("candidate") is None:
+                    raise
+                log.warning("rollback: releasing candidate %s to bring previous back on %s",
+                            self.get("candidate").ref, self.device)
+                self.release("candidate")
+                self.unpark("previous")
         with self._lock:
             prev = self._slots.get("previous")
             if prev is None or prev.tier != "device":
