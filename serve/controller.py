@@ -160,7 +160,7 @@ class SlotController:
         return {"state": self.core.admin_state(), "version": state.version,
                 "converged": conv["converged"], "converge_ms": conv["converge_ms"],
                 "total_ms": round((time.perf_counter() - t0) * 1e3, 2),
-                "replicas": conv["replicas"]}
+                "replicas": conv["replicas"], "errors": conv["errors"]}
 
     async def _converge(self, version: int, wait_s: float, load_ref: str | None = None,
                         loaded: bool = True) -> dict:
@@ -174,10 +174,11 @@ class SlotController:
                 raise ControlError(507 if any("fit" in e for e in errors) else 500,
                                    f"loading {load_ref} failed on {len(errors)} replica(s): "
                                    + "; ".join(errors), "load_failed")
-            if done or time.perf_counter() > deadline:
+            if done or errors or time.perf_counter() > deadline:
                 break
             await asyncio.sleep(0.005)
-        return {"converged": done, "converge_ms": round((time.perf_counter() - t0) * 1e3, 2),
+        # A replica that failed to apply the change has not converged, whatever the others did.
+        return {"converged": done and not errors, "converge_ms": round((time.perf_counter() - t0) * 1e3, 2),
                 "replicas": len(self.core.active_replicas()), "errors": errors}
 
     async def eval_result(self, candidate_score: float, live_score: float, detail: dict) -> dict:
