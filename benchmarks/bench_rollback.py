@@ -57,8 +57,9 @@ def demo_store(root: Path, arch: str, hidden: int | None, layers: int | None):
 
 
 def resize(model_dir: Path, hidden: int, layers: int, seed: int):
-    import torch
     from safetensors.torch import save_file
+
+    from slotserve.bundles.demo import random_weights
 
     cfg = json.loads((model_dir / "config.json").read_text())
     heads, d = max(1, hidden // 64), 64
@@ -67,19 +68,8 @@ def resize(model_dir: Path, hidden: int, layers: int, seed: int):
     cfg.update(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                num_key_value_heads=kv, head_dim=d, intermediate_size=inter)
     (model_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    g = torch.Generator().manual_seed(seed)
-    w = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
-         "lm_head.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        w |= {p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
-              p + "self_attn.q_proj.weight": (heads * d, hidden), p + "self_attn.k_proj.weight": (kv * d, hidden),
-              p + "self_attn.v_proj.weight": (kv * d, hidden), p + "self_attn.o_proj.weight": (hidden, heads * d),
-              p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
-              p + "mlp.down_proj.weight": (hidden, inter)}
-        if cfg.get("model_type") == "qwen3":
-            w |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
-    tensors = {k: torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.02 for k, s in sorted(w.items())}
+    arch = "qwen3" if cfg.get("model_type") == "qwen3" else "llama"
+    tensors = random_weights(arch, seed, cfg, vocab)
     save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
 
 

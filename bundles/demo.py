@@ -63,13 +63,16 @@ def _config(arch: str, ids: dict[str, int]):
     return Qwen3Config(architectures=["Qwen3ForCausalLM"], **common)
 
 
-def _weights(arch: str, seed: int) -> dict:
-    """State dict in the Hugging Face naming; N(0, 0.02) matrices, unit norm weights."""
+def random_weights(arch: str, seed: int, dims: dict = _DIMS, vocab: int = VOCAB_SIZE) -> dict:
+    """State dict in the Hugging Face naming; N(0, 0.02) matrices, unit norm weights.
+
+    `dims` holds the config keys hidden_size, num_hidden_layers, num_attention_heads,
+    num_key_value_heads, intermediate_size and head_dim (benchmarks pass larger ones)."""
     import torch
 
-    h, nl, hq, hk, inter, d = (_DIMS[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                                   "num_key_value_heads", "intermediate_size", "head_dim"))
-    shapes = {"model.embed_tokens.weight": (VOCAB_SIZE, h), "model.norm.weight": (h,), "lm_head.weight": (VOCAB_SIZE, h)}
+    h, nl, hq, hk, inter, d = (dims[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                  "num_key_value_heads", "intermediate_size", "head_dim"))
+    shapes = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,), "lm_head.weight": (vocab, h)}
     for i in range(nl):
         p = f"model.layers.{i}."
         shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
@@ -118,7 +121,7 @@ def build_demo_model(arch: str, seed: int, out: str | Path) -> Path:
     (out / "generation_config.json").write_text(GenerationConfig(
         bos_token_id=ids[BOS], eos_token_id=[ids[EOS], ids[IM_END]], pad_token_id=ids[PAD]).to_json_string(),
         encoding="utf-8")
-    save_file(_weights(arch, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(random_weights(arch, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "prompt").mkdir(exist_ok=True)
     (out / "prompt" / "system.txt").write_text(SYSTEM_PROMPT, encoding="utf-8")
     return out
