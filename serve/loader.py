@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from slotserve import kv_cache  # KVCache through its module, so tests can inject an OOM
 from slotserve.kv_cache import KVLayout, blocks_for, num_blocks_for_budget
 from slotserve.parking import _empty_cache
 from slotserve.weights import TensorPool, load_weights, safetensors_files
@@ -31,7 +32,6 @@ def load_engine(cls, path, device="cpu", dtype=None, *, max_model_len=None, max_
                 max_prefill_tokens: int | None = None, enforce_eager: bool = False,
                 model_impl: str = "auto"):
     """`cls.from_pretrained(...)` (see `Engine.from_pretrained`) -> a `cls` instance."""
-    from slotserve import engine as _engine   # KVCache looked up there: tests patch it
 
     path = Path(path)
     model_dir, serving, file_sha = _resolve(path)
@@ -83,7 +83,7 @@ def load_engine(cls, path, device="cpu", dtype=None, *, max_model_len=None, max_
             kv_tokens = _kv_tokens(kv_cache_tokens, serving, per_token, max_batch, max_model_len, device)
             layout = KVLayout(lean.num_layers, num_blocks_for_budget(kv_tokens, block_size), block_size,
                               lean.num_kv_heads, lean.head_dim, dtype)
-            kv = _engine.KVCache(layout, device)
+            kv = kv_cache.KVCache(layout, device)
             model.kv_layers = kv.layers
             runner = LeanRunner(model, block_size, blocks_for(max_model_len, block_size))
             if device.type == "cuda":

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from slotserve import kv_cache  # KVCache through its module, so tests can inject an OOM
 from slotserve.request import EngineClosedError
 
 log = logging.getLogger("slotserve.engine")
@@ -149,7 +150,6 @@ class Parking:
             nbytes += h.nbytes
             return h.clone() if dev.type == "cpu" else h.to(dev, non_blocking=True)
 
-        from slotserve import engine as _engine   # KVCache looked up there: tests patch it
 
         kv = None
         try:
@@ -160,7 +160,7 @@ class Parking:
                 else:
                     back[i] = copy(h)
             if self._kv_layout is not None:
-                kv = _engine.KVCache(self._kv_layout, dev)
+                kv = kv_cache.KVCache(self._kv_layout, dev)
             if dev.type == "cuda":
                 torch.cuda.current_stream(dev).synchronize()   # copies done before the engine's stream reads
         except BaseException:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-import slotserve.engine as engine_mod
+import slotserve.kv_cache as kv_cache_mod
 from slotserve.engine import Engine, EngineParkedError, SamplingParams
 from slotserve.weights import TensorPool
 
@@ -124,7 +124,7 @@ def test_failed_unpark_leaves_engine_parked(llama_dir, monkeypatch):
         def oom(*a, **k):
             raise torch.OutOfMemoryError("injected: no room for the KV pool")
         with monkeypatch.context() as m:
-            m.setattr(engine_mod, "KVCache", oom)
+            m.setattr(kv_cache_mod, "KVCache", oom)
             with pytest.raises(torch.OutOfMemoryError):
                 eng.unpark()
         assert eng.tier == "host" and pool.refcounts() == refs   # re-acquired claims dropped again
@@ -171,7 +171,7 @@ def test_failed_load_releases_pool_claims(llama_dir, other_dir, monkeypatch, whe
         def oom(*a, **k):
             raise torch.OutOfMemoryError(f"injected OOM in {where}")
         with monkeypatch.context() as m:
-            m.setattr(engine_mod if where == "KVCache" else model_mod, where, oom)
+            m.setattr(kv_cache_mod if where == "KVCache" else model_mod, where, oom)
             for path in (llama_dir, other_dir):          # claims on live's entries / new entries
                 with pytest.raises(torch.OutOfMemoryError, match="injected"):
                     Engine.from_pretrained(path, tensor_pool=pool)
