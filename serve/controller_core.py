@@ -18,7 +18,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 from slotserve import rollout as ro
@@ -41,6 +41,63 @@ class ControlError(Exception):
         super().__init__(message)
         self.status, self.message, self.code = status, message, code
 
+
+# ---------------------------------------------------------------- decisions (pure)
+
+@dataclass(frozen=True)
+class LedgerRow:
+    """One ledger record an operation writes (`Registry.record`'s arguments, less the actor)."""
+    action: str
+    bundle: str | None
+    from_: str | None = None
+    to: str | None = None
+    reason: str = ""
+    metrics: dict | None = None
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A decided change of the desired state: the fields to replace and the ledger rows."""
+    reason: str
+    changes: dict
+    ledger: tuple[LedgerRow, ...] = ()
+
+
+def released() -> dict:
+    """The desired-state fields of "no candidate": all traffic on live, nothing mirrored,
+    no eviction pending. Every path that drops the candidate sets all of them."""
+    return {"candidate": None, "weights": {"live": 100.0}, "mirror_fraction": 0.0, "evict_previous": False}
+
+
+def rollback_transition(state: DesiredState, rollout: ro.RolloutState | None, now: float, *,
+                        reason: str, trigger: str, metrics: dict | None = None
+                        ) -> tuple[Transition, ro.RolloutState | None]:
+    """A manual rollback, decided: previous -> live (the old live stays warm as previous)
+    and the candidate released, in one change. An active rollout is aborted; a candidate
+    merely staged is released too, as an automatic rollback releases it: it was staged
+    against the live being rolled back, and left in the desired state every replica
+    (a new or restarted one included) would load it again. Without a warm previous it is
+    refused and nothing changes. Returns the transition and the (aborted) rollout."""
+    active = rollout is not None and rollout.active
+    if state.previous is None:
+        hint = (f"; to stop the rollout of {rollout.candidate} use `slotserve rollout abort`" if active
+                else f"; to release the staged {state.candidate.ref} use `slotserve rollout abort`"
+                if state.candidate else "")
+        raise ControlError(409, "nothing to roll back to: no previous bundle is warm" + hint, "no_previous")
+    old, new = state.live, state.previous
+    why = f"rollback to {new.ref}" + (f": {reason}" if reason else "")
+    changes = {"live": new, "previous": old, **released(), "window_epoch": state.window_epoch + 1}
+    rows = []
+    cand = rollout.candidate if active else state.candidate.ref if state.candidate else None
+    if active:
+        rollout, _ = ro.abort(rollout, why, now)
+        changes["rollout_phase"] = rollout.phase
+    if cand is not None:
+        rows.append(LedgerRow("abort", cand, from_=cand, to=new.ref, metrics={"trigger": trigger},
+                              reason=("rollout aborted, " if active else "") + f"candidate released by {why}"))
+    rows.append(LedgerRow("rollback", new.ref, from_=old.ref if old else None, to=new.ref,
+                          reason=reason or trigger, metrics={"trigger": trigger, **(metrics or {})}))
+    return Transition(why, changes, tuple(rows)), rollout
 
 
 class ControllerCore:
@@ -160,6 +217,12 @@ class ControllerCore:
                 log.error("ledger write failed (%s %s): %s", action, bundle, exc)
         self._write(write)
 
+    def _commit(self, t: Transition, actor: str) -> DesiredState:
+        for row in t.ledger:
+            self._ledger(row.action, row.bundle, from_=row.from_, to=row.to, reason=row.reason,
+                         metrics=row.metrics, actor=actor)
+        return self._set(t.reason, **t.changes)
+
     def _set(self, reason: str, **changes) -> DesiredState:
         self.state = replace(self.state, version=self.state.version + 1, reason=reason,
                              updated_at=self.clock(), **changes)
@@ -207,8 +270,7 @@ class ControllerCore:
             self.rollout, events = ro.on_oom(self.rollout, self.clock(), detail or {})
             self._apply_events(events)
         elif self.state.candidate is not None and (detail or {}).get("released"):
-            self._set("candidate released after out of memory", candidate=None,
-                      weights={"live": 100.0}, mirror_fraction=0.0)
+            self._set("candidate released after out of memory", **released())
 
     def active_replicas(self) -> list[ReplicaInfo]:
         now = self.clock()
@@ -254,7 +316,7 @@ class ControllerCore:
 
     def unload_failed(self, ref: str, errors: list[str]) -> DesiredState:
         self._ledger("load", ref, reason="load failed, candidate released: " + "; ".join(errors)[:1500])
-        return self._set(f"load of {ref} failed", candidate=None, evict_previous=False)
+        return self._set(f"load of {ref} failed", **released())
 
     def promote(self, *, actor: str, reason: str = "") -> DesiredState:
         if self.rollout is not None and self.rollout.active:
@@ -277,20 +339,12 @@ class ControllerCore:
     def rollback(self, *, actor: str, reason: str = "", trigger: str = "manual",
                  metrics: dict | None = None) -> DesiredState:
         """previous -> live (the old live is kept warm as previous: rolling forward again
-        is the same O(1) swap). An active rollout is aborted first."""
-        if self.rollout is not None and self.rollout.active:
-            self.rollout, events = ro.abort(self.rollout, f"rollback: {reason}", self.clock())
-            self._apply_events(events, actor=actor)
-        if self.state.previous is None:
-            raise ControlError(409, "nothing to roll back to: no previous bundle is warm", "no_previous")
-        old, new = self.state.live, self.state.previous
+        is the same O(1) swap); the candidate is released and an active rollout aborted,
+        in the same change (`rollback_transition`)."""
+        t, self.rollout = rollback_transition(self.state, self.rollout, self.clock(), reason=reason,
+                                              trigger=trigger, metrics=metrics)
         self.on_rollback(trigger)
-        self._ledger("rollback", new.ref, from_=old.ref if old else None, to=new.ref,
-                     reason=reason or trigger, metrics={"trigger": trigger, **(metrics or {})},
-                     actor=actor)
-        return self._set(f"rollback to {new.ref}: {reason}", live=new, previous=old,
-                         weights={"live": 100.0}, mirror_fraction=0.0,
-                         window_epoch=self.state.window_epoch + 1)
+        return self._commit(t, actor)
 
     def start_rollout(self, spec_dict: dict, *, actor: str) -> DesiredState:
         if self.rollout is not None and self.rollout.active:
@@ -332,8 +386,7 @@ class ControllerCore:
                                "nothing_to_abort")
         self._ledger("abort", self.state.candidate.ref, reason=reason or f"candidate released by {actor}",
                      actor=actor)
-        return self._set("candidate released", candidate=None, weights={"live": 100.0},
-                         mirror_fraction=0.0)
+        return self._set("candidate released", **released())
 
     def resume(self, *, actor: str) -> DesiredState:
         if self.rollout is None:
@@ -394,8 +447,7 @@ class ControllerCore:
                              reason=f"rollout {action}: {ev.reason}",
                              metrics={"trigger": "guard" if action == "rollback" else "manual",
                                       **(metrics or {})}, actor=who)
-                self._set(f"rollout {r.phase}: {ev.reason}", candidate=None, weights={"live": 100.0},
-                          mirror_fraction=0.0, rollout_phase=r.phase,
+                self._set(f"rollout {r.phase}: {ev.reason}", **released(), rollout_phase=r.phase,
                           window_epoch=self.state.window_epoch + 1)
                 if action == "rollback":
                     self.on_rollback("oom" if "out of memory" in ev.reason else "guard")

@@ -320,3 +320,33 @@ def test_candidate_failing_its_eval_is_rolled_back_before_taking_traffic(store, 
             assert all(code == 200 for code, _ in results)
             assert all(b == "demo:1" for _, b in results)   # gated: the candidate never answered
     asyncio.run(go())
+
+
+def test_manual_rollback_releases_the_staged_candidate_on_every_replica(store):
+    """A rollback leaves no candidate behind: the replica drops it, and a replica that
+    starts afterwards (reconciling to the desired state) does not load it again."""
+    async def go():
+        async with serving(store, "manual-rollback") as (c, ctl):
+            for path, body in (("/admin/load", {"bundle": "demo:2"}), ("/admin/rollout/promote", {}),
+                               ("/admin/load", {"bundle": "demo:5"})):
+                r = await c.post(path, json=body, headers=AUTH)
+                assert r.status_code == 200 and r.json()["converged"], r.text
+            r = await c.post("/admin/rollback", json={"reason": "demo:2 bad"}, headers=AUTH)
+            assert r.status_code == 200 and r.json()["converged"], r.text
+            s = r.json()["state"]
+            assert [(s["desired"][k] or {}).get("ref") for k in ("live", "previous", "candidate")] \
+                == ["demo:1", "demo:2", None]
+            (rep,) = s["replicas"]
+            assert "candidate" not in rep["slots"]["slots"]
+            late = Replica(Settings(store=str(store.root), app="manual-rollback"), LocalController(ctl),
+                           replica_id="r2")
+            await late.start()
+            try:
+                assert late.backend.digests().get("candidate") is None
+                assert set(late.backend.digests()) >= {"live", "previous"}
+            finally:
+                await late.stop()
+                late.mgr.close()
+            led = (await c.get("/admin/ledger?bundle=demo:5", headers=AUTH)).json()["entries"]
+            assert any(e["action"] == "abort" and "released by rollback" in e["reason"] for e in led)
+    asyncio.run(go())
