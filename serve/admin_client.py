@@ -162,7 +162,9 @@ def cmd_rollout_status(args) -> int:
                   f"{data['phase']}, step {data['step'] + 1}/{len(data['steps'])} {data['weights']}"
                   + (" PAUSED" if data.get("paused") else ""))
             if "time_to_next_step_s" in data:
-                print(f"  candidate requests {data.get('requests')}/{data.get('min_requests')}, "
+                ran = (f"step running {data['now'] - data['step_started_at']:.1f}s, "
+                       if data.get("now") is not None and data.get("step_started_at") is not None else "")
+                print(f"  {ran}candidate requests {data.get('requests')}/{data.get('min_requests')}, "
                       f"next step in {data['time_to_next_step_s']:.1f}s ({data['next']['action']})")
             for g in data.get("guards", []):
                 flag = "BREACHED" if g["breached"] else ("ok" if g["enough_samples"] else "waiting")

@@ -474,11 +474,17 @@ class ControllerCore:
     # ------------------------------------------------------------ views
 
     def rollout_status(self) -> dict:
+        """GET /admin/rollout. `now` is the controller's clock (epoch seconds), the one the
+        rollout's times are on: `now - step_started_at` is how long the step has run,
+        whatever the client's clock says."""
+        now = self.clock()
         if self.rollout is None:
             return {"phase": None, "candidate": self.state.candidate.ref if self.state.candidate else None,
-                    "weights": dict(self.state.weights)}
-        out = ro.describe(self.rollout, self.windows.snapshot(self.clock()), self.clock())
-        out["windows"] = {s: w.to_dict() for s, w in self.windows.snapshot(self.clock()).items()}
+                    "weights": dict(self.state.weights), "now": now}
+        snapshot = self.windows.snapshot(now)
+        out = ro.describe(self.rollout, snapshot, now)
+        out["windows"] = {s: w.to_dict() for s, w in snapshot.items()}
+        out.update(step_started_at=self.rollout.step_started_at, now=now)
         return _jsonable(out)
 
     def admin_state(self) -> dict:
