@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from slotserve import kernels as K
+from slotserve.cpu_ops import cpu_decode_plan, decode_attention_cpu, linear
 from slotserve.kernels.dispatch import use_triton
 from slotserve.weights import WeightSpec
 
@@ -168,51 +169,6 @@ class StepMeta:
     cpu_plan: list | None = None                      # decode on the torch side (see cpu_decode_plan)
 
 
-def cpu_decode_plan(block_tables: list[list[int]], seq_lens: list[int], block_size: int) -> list:
-    """Per sequence, where its K/V live: ("view", first_slot, n) when its blocks are consecutive
-    in the pool (no copy needed), else ("gather", block_ids[int64], n)."""
-    plan = []
-    for table, n in zip(block_tables, seq_lens):
-        blocks = table[: -(-n // block_size)]
-        b0 = blocks[0]
-        if blocks[-1] - b0 == len(blocks) - 1 and blocks == list(range(b0, b0 + len(blocks))):
-            plan.append(("view", b0 * block_size, n))
-        else:
-            plan.append(("gather", torch.tensor(blocks, dtype=torch.int64), n))
-    return plan
-
-
-def decode_attention_cpu(q, k_cache, v_cache, plan, scale) -> torch.Tensor:
-    """Paged decode attention on the torch side: one SDPA per sequence on its own K/V.
-
-    Measured on 2 CPU cores, ~5x less work than one padded, masked SDPA over a gathered
-    batch (what `kernels.paged_decode_attention_ref` does): no padding to the longest
-    sequence, no mask, and no copy at all for sequences whose blocks are consecutive.
-    q[B,Hq,D], caches [NB,BS,Hk,D] -> [B,Hq,D]. On CUDA the Triton kernel runs instead.
-    """
-    nb, bs, hk, d = k_cache.shape
-    hq = q.shape[1]
-    k_tok, v_tok = k_cache.view(nb * bs, hk, d), v_cache.view(nb * bs, hk, d)
-    k_blk, v_blk = k_cache.view(nb, -1), v_cache.view(nb, -1)
-    out = torch.empty_like(q)
-    for i, (kind, where, n) in enumerate(plan):
-        if kind == "view":
-            k, v = k_tok[where:where + n], v_tok[where:where + n]
-        else:
-            k = k_blk.index_select(0, where).view(-1, hk, d)[:n]
-            v = v_blk.index_select(0, where).view(-1, hk, d)[:n]
-        o = F.scaled_dot_product_attention(q[i, None, :, None, :], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                           scale=scale, enable_gqa=hq != hk)       # [1, Hq, 1, D]
-        out[i] = o[0, :, 0]
-    return out
-
-
-def paged_decode_attention_sdpa(q, k_cache, v_cache, block_tables, seq_lens, scale) -> torch.Tensor:
-    """`decode_attention_cpu` with the kernels' `paged_decode_attention` signature (tensors in)."""
-    plan = cpu_decode_plan(block_tables.tolist(), seq_lens.tolist(), k_cache.shape[1])
-    return decode_attention_cpu(q, k_cache, v_cache, plan, scale)
-
-
 class LeanModel:
     def __init__(self, cfg: LeanConfig, weights: dict, max_positions: int, device, dtype):
         self.cfg = cfg
@@ -255,7 +211,7 @@ class LeanModel:
                 x, residual = K.rms_norm(h, layer.in_norm, cfg.rms_norm_eps), h
             else:
                 x, residual = K.rms_norm(h, layer.in_norm, cfg.rms_norm_eps, residual)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            qkv = linear(x, layer.qkv, layer.qkv_bias)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = q.reshape(t, cfg.num_heads, cfg.head_dim)
             k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
@@ -271,9 +227,9 @@ class LeanModel:
             if nd < t:
                 o_pre = self._prefill_attention(q, k, v, k_cache, v_cache, meta)
                 o = o_pre if o is None else torch.cat([o, o_pre])
-            h = F.linear(o.reshape(t, self.q_size), layer.o, layer.o_bias)
+            h = linear(o.reshape(t, self.q_size), layer.o, layer.o_bias)
             x, residual = K.rms_norm(h, layer.post_norm, cfg.rms_norm_eps, residual)
-            h = F.linear(K.silu_and_mul(F.linear(x, layer.gate_up, layer.gate_up_bias)), layer.down, layer.down_bias)
+            h = linear(K.silu_and_mul(linear(x, layer.gate_up, layer.gate_up_bias)), layer.down, layer.down_bias)
         return h, residual
 
     def _decode_attention(self, q, k_cache, v_cache, meta: StepMeta) -> torch.Tensor:
@@ -310,7 +266,7 @@ class LeanModel:
     def logits(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head on the rows that sample: [R, H] -> [R, V] fp32."""
         x, _ = K.rms_norm(h, self.norm, self.cfg.rms_norm_eps, residual)
-        return F.linear(x, self.lm_head).float()
+        return linear(x, self.lm_head).float()
 
 
 class LeanRunner:

@@ -104,7 +104,7 @@ def test_cpu_decode_attention_matches_kernel_reference():
     # The lean model's torch-side decode attention (gather + SDPA) against the kernels' ref:
     # both fp32, different summation order -> ~1e-7; 1e-5 leaves room for other CPUs.
     from slotserve.kernels import paged_decode_attention_ref
-    from slotserve.model import paged_decode_attention_sdpa
+    from slotserve.cpu_ops import paged_decode_attention_sdpa
 
     g = torch.Generator().manual_seed(0)
     for b, hq, hk, d, bs in [(5, 8, 2, 64, 16), (1, 4, 4, 32, 16), (3, 6, 3, 16, 8)]:

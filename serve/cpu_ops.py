@@ -1,0 +1,78 @@
+"""The lean model's CPU fast paths: decode attention without padding and small-batch matmuls.
+
+On CUDA the Triton kernels and cuBLAS do this work; on the CPU two things cost more than
+the arithmetic, and both were measured on the 2-core development VM (AVX-512, MKL):
+- one padded, masked SDPA over a gathered batch copies every sequence's K/V and pads to
+  the longest; one SDPA per sequence on a view of its own (consecutive) blocks copies
+  nothing (`decode_attention_cpu`, ~5x less work);
+- MKL's `x @ w.T` for a skinny x (2..64 rows: decode batches) runs 1.3-2.5x slower than
+  `w @ x.T` on the same data; from 128 rows up (prefill) it is the other way round
+  (`linear`; `benchmarks/results/engine-cpu.md`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SKINNY_ROWS = (2, 64)   # row counts for which `w @ x.T` beats `x @ w.T` on the CPU
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`, computed as `(w @ x.T).T` for 2..64 rows of a 2-D fp32 x on the CPU.
+
+    The result is the same product summed in a different order (fp32 differences of a
+    few ulps, like any change of batch size); it is made contiguous so views downstream
+    (split heads, reshape) stay cheap.
+    """
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2
+            or not SKINNY_ROWS[0] <= x.shape[0] <= SKINNY_ROWS[1]):   # measured for fp32 only
+        return F.linear(x, w, b)
+    out = torch.mm(w, x.t()) if b is None else torch.addmm(b[:, None], w, x.t())
+    return out.t().contiguous()
+
+
+def cpu_decode_plan(block_tables: list[list[int]], seq_lens: list[int], block_size: int) -> list:
+    """Per sequence, where its K/V live: ("view", first_slot, n) when its blocks are consecutive
+    in the pool (no copy needed), else ("gather", block_ids[int64], n)."""
+    plan = []
+    for table, n in zip(block_tables, seq_lens):
+        blocks = table[: -(-n // block_size)]
+        b0 = blocks[0]
+        if blocks[-1] - b0 == len(blocks) - 1 and blocks == list(range(b0, b0 + len(blocks))):
+            plan.append(("view", b0 * block_size, n))
+        else:
+            plan.append(("gather", torch.tensor(blocks, dtype=torch.int64), n))
+    return plan
+
+
+def decode_attention_cpu(q, k_cache, v_cache, plan, scale) -> torch.Tensor:
+    """Paged decode attention on the torch side: one SDPA per sequence on its own K/V.
+
+    Measured on 2 CPU cores, ~5x less work than one padded, masked SDPA over a gathered
+    batch (what `kernels.paged_decode_attention_ref` does): no padding to the longest
+    sequence, no mask, and no copy at all for sequences whose blocks are consecutive.
+    q[B,Hq,D], caches [NB,BS,Hk,D] -> [B,Hq,D]. On CUDA the Triton kernel runs instead.
+    """
+    nb, bs, hk, d = k_cache.shape
+    hq = q.shape[1]
+    k_tok, v_tok = k_cache.view(nb * bs, hk, d), v_cache.view(nb * bs, hk, d)
+    k_blk, v_blk = k_cache.view(nb, -1), v_cache.view(nb, -1)
+    out = torch.empty_like(q)
+    for i, (kind, where, n) in enumerate(plan):
+        if kind == "view":
+            k, v = k_tok[where:where + n], v_tok[where:where + n]
+        else:
+            k = k_blk.index_select(0, where).view(-1, hk, d)[:n]
+            v = v_blk.index_select(0, where).view(-1, hk, d)[:n]
+        o = F.scaled_dot_product_attention(q[i, None, :, None, :], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                           scale=scale, enable_gqa=hq != hk)       # [1, Hq, 1, D]
+        out[i] = o[0, :, 0]
+    return out
+
+
+def paged_decode_attention_sdpa(q, k_cache, v_cache, block_tables, seq_lens, scale) -> torch.Tensor:
+    """`decode_attention_cpu` with the kernels' `paged_decode_attention` signature (tensors in)."""
+    plan = cpu_decode_plan(block_tables.tolist(), seq_lens.tolist(), k_cache.shape[1])
+    return decode_attention_cpu(q, k_cache, v_cache, plan, scale)
+
