@@ -76,7 +76,7 @@ class SlotController:
             hooks, self._webhooks = self._webhooks, []
             for url, body in hooks:
                 asyncio.get_running_loop().create_task(_post(url, body))
-        if self.core._pending:
+        if self.core.pending_writes:
             asyncio.get_running_loop().create_task(self._flush())
 
     async def _flush(self) -> None:

@@ -101,7 +101,7 @@ def test_manual_and_automatic_rollback_release_the_candidate_alike(core, store, 
 
 
 def test_rollback_decision_is_pure():
-    from slotserve.controller_core import rollback_transition
+    from slotserve.transitions import rollback as rollback_transition
     one, two, three = (SlotRef(f"demo:{i}", f"sha256:{i}") for i in (1, 2, 3))
     s = DesiredState(version=7, live=two, previous=one, candidate=three, evict_previous=True,
                      weights={"live": 100.0}, window_epoch=3)
