@@ -18,6 +18,11 @@ replica in this process on 127.0.0.1 (no Ray), with a temporary store unless
 `--store` is given; everything is stopped and removed at the end, also on failure or
 Ctrl-C. Against a running deployment the candidate is published into `--store`
 (default $SLOTSERVE_HOME), which must be the store the deployment reads.
+
+This module is the orchestration and the CLI; the settings, faults, spec and candidate
+are `slotserve.drill_config`, the local server `slotserve.drill_server`, the load and
+polling `slotserve.drill_load`, the figures `slotserve.drill_report` (names used
+elsewhere are re-exported here).
 """
 
 from __future__ import annotations
@@ -25,242 +30,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import secrets
-import shutil
-import socket
 import sys
-import tempfile
-import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 from urllib.parse import quote
 
+from slotserve.drill_config import (FAULT_KEYS, DrillConfig, drill_spec, load_spec, parse_faults,
+                                    publish_faulty)
 from slotserve.drill_load import Admin, DrillError, Poll, drive, monitor
+from slotserve.drill_server import LocalServer
+
+__all__ = ["ACTIVE", "FAULT_KEYS", "DrillConfig", "DrillError", "LocalServer", "cmd_drill", "drill",
+           "drill_spec", "load_spec", "parse_faults", "publish_faulty", "register", "run"]
 
 ACTIVE = ("pending_eval", "running")
-FAULT_KEYS = ("latency_ms", "error_rate", "oom_after", "nan_logits")
-DEMO = "demo"
-
-
-# ---------------------------------------------------------------- configuration
-
-@dataclass(frozen=True)
-class DrillConfig:
-    url: str | None = None            # None: self-contained
-    token: str | None = None
-    store: str | None = None          # where to publish the candidate (self-contained: the server's store)
-    candidate: str | None = None      # take this bundle instead of publishing one
-    faults: dict = field(default_factory=lambda: {"error_rate": 0.5})
-    spec: dict | None = None          # a rollout spec; its `bundle` is replaced by the candidate
-    percent: float = 25.0             # the built-in spec's canary step
-    concurrency: int = 4
-    duration_s: float = 30.0          # longest wait for the rollback after load starts
-    rps: float = 0.0                  # 0: closed loop (each worker sends as soon as answered)
-    baseline_s: float = 3.0           # load on live alone before the rollout
-    settle_s: float = 3.0             # load after the rollback
-    max_tokens: int = 8
-    stream: bool = False
-    model: str | None = None          # served model name (default: what /v1/models serves)
-    poll_s: float = 0.05
-
-    def __post_init__(self):
-        if self.concurrency < 1:
-            raise DrillError(f"--concurrency must be >= 1, got {self.concurrency}")
-        if self.duration_s <= self.baseline_s:
-            raise DrillError(f"--duration ({self.duration_s}s) must be longer than --baseline "
-                             f"({self.baseline_s}s): the rollout starts after the baseline")
-        if self.rps < 0 or self.settle_s < 0 or self.baseline_s < 0:
-            raise DrillError("--rps, --settle and --baseline must be >= 0")
-        if not 0 < self.percent <= 100:
-            raise DrillError(f"--percent must be in (0, 100], got {self.percent}")
-        if self.max_tokens < 1:
-            raise DrillError(f"--max-tokens must be >= 1, got {self.max_tokens}")
-
-
-def parse_faults(items: list[str] | None) -> dict:
-    """['error_rate=0.5', 'nan_logits'] -> {'error_rate': 0.5, 'nan_logits': True}, validated."""
-    out: dict = {}
-    for item in items or ["error_rate=0.5"]:
-        for part in item.split(","):
-            key, sep, raw = part.strip().partition("=")
-            if key not in FAULT_KEYS:
-                raise DrillError(f"unknown fault {key!r}: use error_rate=0.5, latency_ms=300, "
-                                 "oom_after=3 or nan_logits")
-            if key == "nan_logits":
-                val: object = raw.strip().lower() not in ("0", "false", "no") if sep else True
-            elif key == "oom_after":
-                val = _number(raw, key, int)
-            else:
-                val = _number(raw, key, float)
-            out[key] = val
-    if out.get("oom_after") == 0:
-        raise DrillError("oom_after=0 makes loading the candidate fail, so it never takes traffic; "
-                         "drill an out-of-memory under load with oom_after=1 or more")
-    from slotserve.faults import Faults
-    try:
-        Faults.from_dict(out)
-    except ValueError as exc:
-        raise DrillError(str(exc)) from None
-    return out
-
-
-def _number(raw: str, key: str, kind):
-    try:
-        return kind(raw)
-    except ValueError:
-        raise DrillError(f"fault {key} needs a {'whole ' if kind is int else ''}number, "
-                         f"e.g. {key}={'3' if kind is int else '0.5'}; got {raw!r}") from None
-
-
-def drill_spec(candidate: str, percent: float = 25.0) -> dict:
-    """The built-in canary: one step at `percent`, held (never promotes by itself), with a
-    hard guard for each fault a drill can inject. min_samples is low so a drill at a few
-    requests per second is judged within seconds."""
-    return {
-        "bundle": candidate, "strategy": "canary", "steps": [float(percent)], "promote": "manual",
-        "bake": "10m", "min_requests": 10, "sticky_key": "none",
-        "guards": [
-            {"metric": "error_rate", "op": ">", "value": 0.05, "min_samples": 10, "action": "rollback"},
-            {"metric": "p99_latency_ms", "op": ">", "value": 2.0, "relative_to": "live",
-             "min_samples": 10, "action": "rollback"},
-            {"metric": "oom_events", "op": ">", "value": 0, "action": "rollback"},
-            {"metric": "nan_rate", "op": ">", "value": 0.0, "min_samples": 5, "action": "rollback"},
-        ],
-    }
-
-
-def load_spec(path: str) -> dict:
-    import yaml
-    try:
-        with open(path) as f:
-            spec = yaml.safe_load(f)  # JSON is YAML
-    except (OSError, yaml.YAMLError) as exc:
-        raise DrillError(f"cannot read the spec {path}: {exc}") from None
-    if not isinstance(spec, dict):
-        raise DrillError(f"{path} must hold a rollout spec mapping (see docs/rollout.md)")
-    return spec
-
-
-def publish_faulty(store, live: str, faults: dict, actor: str = "slotserve-drill") -> str:
-    """Publish `live` again with `faults` in its serving.json: same weights, tokenizer and
-    prompt (the store shares the blobs), a new version. Returns its ref."""
-    b = store.open(live)
-    serving = json.loads((b.path / "serving.json").read_text())
-    serving["faults"] = dict(faults)
-    m = store.publish(b.path, b.manifest.name, actor=actor, serving=serving,
-                      retrieval_index=b.manifest.retrieval_index, parent=live,
-                      reason=f"drill candidate: {live} with faults {json.dumps(faults, sort_keys=True)}")
-    return m.ref
-
-
-# ---------------------------------------------------------------- a local server
-
-class LocalServer:
-    """The real app + controller + replica on 127.0.0.1, in a thread of this process
-    (no Ray), serving the demo bundle. Context manager: stopped and cleaned up on exit."""
-
-    def __init__(self, store: str | None = None, log: Callable[[str], None] = lambda m: None):
-        self._tmp = None if store else tempfile.mkdtemp(prefix="slotserve-drill-")
-        self.root = Path(store or self._tmp).expanduser().resolve()
-        self.token = secrets.token_urlsafe(24)
-        self.log = log
-        self.url: str | None = None
-        self.live: str | None = None
-        self._thread: threading.Thread | None = None
-        self._server = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-
-    def __enter__(self) -> "LocalServer":
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def start(self, timeout_s: float = 300.0) -> None:
-        from slotserve.bundles.demo import publish_demo
-        from slotserve.bundles.store import Store
-        self.log(f"self-contained: demo bundle in {self.root} ...")
-        self.live = publish_demo(Store(self.root), DEMO).ref  # a no-op when it is there
-        self._thread = threading.Thread(target=self._main, name="slotserve-drill-server", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(timeout_s) and self._error is None:
-            raise DrillError(f"the local server did not start within {timeout_s:.0f}s")
-        if self._error is not None:
-            raise DrillError(f"the local server failed to start: {type(self._error).__name__}: "
-                             f"{self._error}") from self._error
-        self.log(f"self-contained: serving {self.live} at {self.url}")
-
-    def _main(self) -> None:
-        try:
-            asyncio.run(self._serve())
-        except BaseException as exc:  # reported to start(); the thread just ends
-            self._error = exc
-            self._ready.set()
-
-    async def _serve(self) -> None:
-        import uvicorn
-
-        from slotserve.app import create_app
-        from slotserve.auth import digest
-        from slotserve.controller import SlotController
-        from slotserve.replica import LocalController, Replica, Settings
-
-        ctl = SlotController(str(self.root), app="drill", bundle=self.live)
-        settings = Settings(store=str(self.root), app="drill", admin_token_sha256=digest(self.token))
-        rep = Replica(settings, LocalController(ctl), replica_id="drill-local")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            await rep.start()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("127.0.0.1", 0))
-            self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-            self._server = uvicorn.Server(uvicorn.Config(
-                create_app(rep), log_level="warning", access_log=False, lifespan="off",
-                timeout_graceful_shutdown=5))
-            serve = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))
-            while not self._server.started and not serve.done():
-                await asyncio.sleep(0.02)
-            self._ready.set()
-            await serve
-        finally:
-            await rep.stop()
-            if getattr(ctl, "_loop_task", None) is not None:
-                ctl._loop_task.cancel()
-            _close_slots(rep.mgr)
-            sock.close()
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(30)
-            self._thread = None
-        if self._tmp:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
-
-
-def _close_slots(mgr) -> None:
-    """Free every slot's engine (threads, KV pools) of the local server."""
-    if hasattr(mgr, "close"):
-        try:
-            mgr.close()
-            return
-        except Exception:
-            pass
-    for slot in ("candidate", "previous", "live"):
-        try:
-            mgr.release(slot)
-        except Exception:
-            pass
 
 
 # ---------------------------------------------------------------- the drill
