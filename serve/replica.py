@@ -8,6 +8,13 @@ A `Replica` owns a SlotManager, the request `Handler` and two background loops:
 * report: sends the applied version, the slots, and the request outcomes (for the
   controller's rollout windows) every `report_interval_s`.
 
+Nothing here may block the event loop: it serves every request of the replica. Swaps
+are serialized by an asyncio lock (two concurrent rollbacks would be a roll-forward),
+and a rollback to a parked previous, which waits for the slot manager's memory lock,
+runs in a thread (`SlotManager.rollback_async`); it aborts an in-flight candidate load,
+which is not an error: the newer desired state is applied next (loading the candidate
+again if it still names one).
+
 The Ray deployment (slotserve.app) is a thin shell around this; tests drive it with
 an in-process controller.
 """
@@ -24,6 +31,7 @@ from typing import Any
 
 from slotserve.controller import HEARTBEAT_S, SLOTS, DesiredState
 from slotserve.handler import BundleView, Handler, Outcome, Routing
+from slotserve.load_abort import LoadAborted
 
 log = logging.getLogger("slotserve.replica")
 MAX_OUTBOX = 20_000
@@ -141,6 +149,7 @@ class Replica:
         self.desired: DesiredState | None = None
         self._latest: DesiredState | None = None     # newest state seen (may be being applied)
         self._applying: asyncio.Task | None = None
+        self._swap_lock = asyncio.Lock()             # one promote/rollback/release at a time
         self.applied = -1                            # fully applied (slots loaded as desired)
         self.routed = -1                             # live/previous/weights in effect
         self.error: dict | None = None
@@ -184,7 +193,7 @@ class Replica:
                 if self._applying is not None and not self._applying.done():
                     # A load is running (seconds for a big bundle): a rollback, promote or
                     # weight change must not wait for it.
-                    self._swap_now(d)
+                    await self._swap_now(d)
                     await self.report()
                 else:
                     self._applying = asyncio.get_running_loop().create_task(self._apply_latest())
@@ -199,20 +208,34 @@ class Replica:
                                             or self._latest.version != self.desired.version):
             await self.apply(self._latest)
 
-    def _swap_now(self, d: DesiredState) -> None:
-        """The O(1) part of `d` while a load is in progress: swaps and routing."""
-        cur = self.backend.digests()
-        want_live = d.live.digest if d.live else None
+    async def _swap_now(self, d: DesiredState) -> None:
+        """The swap part of `d` while a load is in progress: swaps and routing."""
         try:
-            if want_live and want_live == cur.get("previous") and cur.get("live"):
-                self.mgr.rollback(d.reason or "rollback")
-            elif want_live and want_live == cur.get("candidate"):
-                self.mgr.promote()
+            await self._swap(d)
         except Exception as exc:
             log.warning("swap for v%s deferred: %s", d.version, exc)
         self._route(d)
         if self._routes(d):
-            self.routed = d.version
+            self.routed = max(self.routed, d.version)
+
+    async def _swap(self, d: DesiredState) -> None:
+        """Promote or roll back if that is what makes live `d`'s live. Idempotent: the
+        slots are read again under the swap lock, so a swap already done (by the watch
+        loop while `apply` waited) is not done twice — a second rollback would roll
+        forward."""
+        async with self._swap_lock:
+            cur = self.backend.digests()
+            want_live = d.live.digest if d.live else None
+            if not want_live or want_live == cur.get("live"):
+                return
+            if want_live == cur.get("candidate"):
+                self.mgr.promote()                       # O(1), never waits for memory
+            elif want_live == cur.get("previous"):
+                reason = d.reason or "rollback"
+                if hasattr(self.mgr, "rollback_async"):  # swap inline, copy-back in a thread
+                    await self.mgr.rollback_async(reason)
+                else:                                    # a custom manager: keep it off the loop
+                    await asyncio.to_thread(self.mgr.rollback, reason)
 
     def _routes(self, d: DesiredState) -> bool:
         """Live and previous are those of `d` (so requests are routed as `d` says)."""
@@ -253,17 +276,28 @@ class Replica:
         if self.error and self.error.get("version") == d.version:
             return
         self._route(d)
+        superseded = False
         try:
             await self._reconcile(d)
             self.error = None
+        except LoadAborted as exc:
+            # A rollback (of a newer state) aborted this load to get the memory back: not
+            # a failure of the bundle, so not reported as one (the controller would drop
+            # the candidate as "load failed"). The newer state is applied next.
+            superseded = self._latest is not None and self._latest.version > d.version
+            log.warning("applying desired state v%s: %s%s", d.version, exc,
+                        f"; applying v{self._latest.version} next" if superseded else "")
+            if not superseded:
+                self.error = {"version": d.version, "message": f"{type(exc).__name__}: {exc}"}
         except Exception as exc:
             log.error("applying desired state v%s failed: %s", d.version, exc)
             self.error = {"version": d.version, "message": f"{type(exc).__name__}: {exc}"}
         finally:
             self.loading = None
         self.desired = d
-        if self.error is None:
-            self.applied = self.routed = d.version
+        if self.error is None and not superseded:
+            self.applied = d.version
+            self.routed = max(self.routed, d.version)
         newest = self._latest if self._latest is not None and self._latest.version > d.version else d
         self._route(newest)
         if d.safety is not None or self.safety is None:
@@ -290,12 +324,9 @@ class Replica:
         cur = self.backend.digests()
         if want == {s: cur.get(s) for s in SLOTS}:
             return
-        # O(1) swaps first: promote (candidate -> live, live -> previous) ...
-        if want["live"] and want["live"] == cur.get("candidate"):
-            mgr.promote()
-        # ... and rollback (previous <-> live).
-        elif want["live"] and want["live"] == cur.get("previous"):
-            mgr.rollback(d.reason or "rollback")
+        # O(1) swaps first: promote (candidate -> live, live -> previous) or rollback
+        # (previous <-> live).
+        await self._swap(d)
         cur = self.backend.digests()
         # A new live that is in no slot (e.g. `serve --bundle` changed it): stage it as the
         # candidate and promote, so live never goes empty while it loads.
@@ -303,13 +334,17 @@ class Replica:
             if cur.get("candidate"):
                 mgr.release("candidate")
             await self._load(d.live, "candidate", d)
-            mgr.promote()
-            cur = self.backend.digests()
+            async with self._swap_lock:
+                mgr.promote()
         # Release what is no longer wanted (candidate first: it is what a revert drops).
-        for s in ("candidate", "previous", "live"):
-            if cur.get(s) and cur.get(s) != want[s]:
-                mgr.release(s)
-        cur = self.backend.digests()
+        # Under the swap lock, reading the slots again: the watch loop may have swapped
+        # them while we loaded, and a slot a rollback is bringing back must stay.
+        async with self._swap_lock:
+            cur = self.backend.digests()
+            for s in ("candidate", "previous", "live"):
+                if cur.get(s) and cur.get(s) != want[s]:
+                    mgr.release(s)
+            cur = self.backend.digests()
         # Load what is missing: live first, so a new replica can serve as early as possible.
         for s in ("live", "previous", "candidate"):
             ref = d.slot(s)

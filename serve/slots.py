@@ -14,6 +14,13 @@ Two locks, so that rollback stays O(1) whatever else is happening:
   the planner always sees a consistent picture. A load holds it for its whole duration
   (seconds for big bundles) but never holds `_lock` meanwhile.
 
+Rollback is the emergency path. With previous warm on the device it is a pointer swap
+under `_lock` alone. With previous parked in host memory it must copy it back, which
+needs `_mem_lock`: it then aborts an in-flight candidate load (slotserve.load_abort)
+instead of waiting for it — the candidate is the one slot that may be sacrificed, live
+and previous never are. Callers on an event loop use `rollback_async`, which does the
+swap inline and only the copy-back in a thread, so the loop never waits on the lock.
+
 Rollback swaps previous and live, so the old live becomes previous: rolling back twice
 is a roll-forward. Promote drops the old previous (released once its requests finish).
 Nothing here writes the ledger: the replica reports (load results, `on_oom` events) to
@@ -32,6 +39,7 @@ from typing import Callable
 import torch
 
 from slotserve.faults import FaultInjector, Faults, InjectedOOM
+from slotserve.load_abort import AbortablePool, LoadAborted, LoadTicket, checked_by
 from slotserve.memory import (LoadEstimate, MemoryPlanError, available_bytes, device_memory, estimate,
                               kv_tokens, plan)
 from slotserve.slot import Slot, SlotRequest, SlotUnavailable
@@ -43,7 +51,7 @@ log = logging.getLogger("slotserve.slots")
 
 SLOT_NAMES = ("live", "previous", "candidate")
 __all__ = ["SlotManager", "Slot", "SlotRequest", "SlotsState", "SlotInfo", "OOMEvent", "Overloaded",
-           "SlotError", "SlotUnavailable", "Swap", "MemoryPlanError", "SLOT_NAMES"]
+           "SlotError", "SlotUnavailable", "Swap", "MemoryPlanError", "LoadAborted", "SLOT_NAMES"]
 
 
 class SlotManager:
@@ -64,14 +72,13 @@ class SlotManager:
         self.park_when_full = (dev.type == "cuda") if park_when_full is None else park_when_full
         self.loader_nice = loader_nice        # loads run at lower CPU priority than serving
         self.loader_slice_s, self.loader_pause_s = loader_slice_s, loader_pause_s  # GIL duty cycle
-        from slotserve.weights import TensorPool
-
-        self.pool = TensorPool()              # identical tensors shared between slots
+        self.pool = AbortablePool()           # identical tensors shared between slots
         self._slots: dict[str, Slot] = {}
         self._draining: list[Slot] = []       # released, still finishing requests
         self._lock = threading.Lock()
         self._mem_lock = threading.RLock()
         self._seq = itertools.count()
+        self._load_ticket: LoadTicket | None = None   # the load holding _mem_lock, if any
         self.events: list[OOMEvent] = []      # recent OOM events (state / debugging)
 
     # ------------------------------------------------------------------ lookup
@@ -98,74 +105,97 @@ class SlotManager:
         thread and the routing lock is taken only to place the result. Refuses with
         MemoryPlanError (numbers in the message) rather than squeezing live/previous;
         `evict_previous=True` releases previous first. Blocks the caller until done.
+        A rollback that needs the memory aborts a candidate load: LoadAborted.
         """
         _check_name(slot)
+        ticket = LoadTicket(ref, slot)
         # All of it — opening, hashing, planning, building — runs in the throttled
-        # loader thread: any Python work here competes with live for the GIL.
-        return run_in_loader_thread(lambda: self._load(ref, slot, evict_previous), self.loader_nice,
-                                    self.loader_slice_s, self.loader_pause_s, self._serving)
+        # loader thread: any Python work here competes with live for the GIL. Once
+        # aborted it stops throttling: unwinding fast is what the rollback waits for.
+        return run_in_loader_thread(lambda: self._load(ref, slot, evict_previous, ticket), self.loader_nice,
+                                    self.loader_slice_s, self.loader_pause_s,
+                                    lambda: not ticket.aborted and self._serving())
 
-    def _load(self, ref: str, slot: str, evict_previous: bool) -> Slot:
+    def _load(self, ref: str, slot: str, evict_previous: bool, ticket: LoadTicket) -> Slot:
+        self._check_empty(slot)  # cheap refusal before hashing the bundle
+        t0 = time.perf_counter()
+        # Opening verifies every file's hash (seconds for a big bundle) and touches no
+        # device memory: done before taking _mem_lock, so a rollback never waits for it.
+        bundle = self.store.open(ref)
+        faults = Faults.from_serving(bundle.serving)   # refuse bad drills before any memory
         with self._mem_lock:
-            if self.get(slot) is not None:
-                raise SlotError(f"slot {slot} already holds {self.get(slot).ref}; release it first "
-                                f"(or promote/rollback), then load")
-            t0 = time.perf_counter()
-            bundle = self.store.open(ref)
-            faults = Faults.from_serving(bundle.serving)   # refuse bad drills before any memory
-            if evict_previous and slot != "previous":
-                self.release("previous")
+            self._load_ticket = ticket
+            try:
+                return self._load_locked(bundle, faults, slot, evict_previous, ticket, t0)
+            finally:
+                self._load_ticket = None
+
+    def _load_locked(self, bundle, faults: Faults, slot: str, evict_previous: bool, ticket: LoadTicket,
+                     t0: float) -> Slot:
+        self._check_empty(slot)
+        ticket.check()
+        if evict_previous and slot != "previous":
+            self.release("previous")
+        need = estimate(bundle, device=str(self.device), shared=shared_fn(bundle, self._all_slots()),
+                        headroom_bytes=self.headroom_bytes)
+        try:
+            plan(need, self.device_memory(), self._held())
+        except MemoryPlanError:
+            prev = self.get("previous")
+            if not (self.park_when_full and slot != "previous" and prev and prev.tier == "device"):
+                raise
+            log.warning("%s does not fit beside previous %s: parking previous in host memory",
+                        bundle.ref, prev.ref)
+            self.park("previous")
+            # previous's pool claims are gone: what was shared with it is not any more
             need = estimate(bundle, device=str(self.device), shared=shared_fn(bundle, self._all_slots()),
                             headroom_bytes=self.headroom_bytes)
-            try:
-                plan(need, self.device_memory(), self._held())
-            except MemoryPlanError:
-                prev = self.get("previous")
-                if not (self.park_when_full and slot != "previous" and prev and prev.tier == "device"):
-                    raise
-                log.warning("%s does not fit beside previous %s: parking previous in host memory",
-                            bundle.ref, prev.ref)
-                self.park("previous")
-                # previous's pool claims are gone: what was shared with it is not any more
-                need = estimate(bundle, device=str(self.device), shared=shared_fn(bundle, self._all_slots()),
-                                headroom_bytes=self.headroom_bytes)
-                plan(need, self.device_memory(), self._held())
-            injector = FaultInjector(faults, bundle.digest)
-            cfg, serving = _json(bundle.path / "model" / "config.json"), bundle.serving
-            try:
-                injector.on_load()  # faults.oom_after == 0 drills an OOM right here
+            plan(need, self.device_memory(), self._held())
+        ticket.check()
+        injector = FaultInjector(faults, bundle.digest)
+        cfg, serving = _json(bundle.path / "model" / "config.json"), bundle.serving
+        try:
+            injector.on_load()  # faults.oom_after == 0 drills an OOM right here
+            with checked_by(ticket):   # a checkpoint before each weight tensor is read
                 engine = load_engine(bundle.path, self.device, self.pool,
                                      kv_tokens(cfg, serving, str(self.device)))
-                try:
-                    tokenizer = same_tokenizer(bundle, self._all_slots()) or load_tokenizer(bundle)
-                except BaseException:
-                    engine.close()
-                    raise
-            except torch.OutOfMemoryError as exc:
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                ev = self._oom_event(slot, bundle.ref, bundle.digest, "load", exc)
-                self._fire(ev)
-                raise MemoryPlanError(
-                    f"loading {bundle.ref} into {slot} ran out of memory on {self.device} although "
-                    f"the plan fit ({need.total_bytes} B needed, {ev.free_bytes} B free now; held: "
-                    f"{ev.held}): {exc}", needed=need.total_bytes, free=ev.free_bytes,
-                    held=ev.held) from exc
-            injector.install(engine)
-            s = Slot(slot, bundle, engine, tokenizer, faults=faults, injector=injector,
-                     seq=next(self._seq), load_s=time.perf_counter() - t0)
-            with self._lock:
-                # Swaps do not take _mem_lock: a promote/rollback may have filled the slot
-                # while we loaded. Never overwrite (that would leak an unplanned engine).
-                clash = self._slots.get(slot)
-                if clash is None:
-                    self._slots[slot] = s
-            if clash is not None:
+            try:
+                ticket.check()
+                tokenizer = same_tokenizer(bundle, self._all_slots()) or load_tokenizer(bundle)
+                ticket.check()
+            except BaseException:
                 engine.close()
-                raise SlotError(f"slot {slot} was filled by {clash.ref} while {bundle.ref} loaded; "
-                                "release it first, then load")
-            log.info("loaded %s into %s in %.2fs (%s path)", s.ref, slot, s.load_s, engine.path)
-            return s
+                raise
+        except torch.OutOfMemoryError as exc:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            ev = self._oom_event(slot, bundle.ref, bundle.digest, "load", exc)
+            self._fire(ev)
+            raise MemoryPlanError(
+                f"loading {bundle.ref} into {slot} ran out of memory on {self.device} although "
+                f"the plan fit ({need.total_bytes} B needed, {ev.free_bytes} B free now; held: "
+                f"{ev.held}): {exc}", needed=need.total_bytes, free=ev.free_bytes,
+                held=ev.held) from exc
+        injector.install(engine)
+        s = Slot(slot, bundle, engine, tokenizer, faults=faults, injector=injector,
+                 seq=next(self._seq), load_s=time.perf_counter() - t0)
+        with self._lock:
+            # Swaps do not take _mem_lock: a promote/rollback may have filled the slot
+            # while we loaded. Never overwrite (that would leak an unplanned engine).
+            clash = self._slots.get(slot)
+            if clash is None:
+                self._slots[slot] = s
+        if clash is not None:
+            engine.close()
+            raise SlotError(f"slot {slot} was filled by {clash.ref} while {bundle.ref} loaded; "
+                            "release it first, then load")
+        log.info("loaded %s into %s in %.2fs (%s path)", s.ref, slot, s.load_s, engine.path)
+        return s
+
+    def _check_empty(self, slot: str) -> None:
+        if (s := self.get(slot)) is not None:
+            raise SlotError(f"slot {slot} already holds {s.ref}; release it first "
+                            f"(or promote/rollback), then load")
 
     async def load_async(self, ref: str, slot: str = "candidate", evict_previous: bool = False) -> Slot:
         return await asyncio.to_thread(self.load, ref, slot, evict_previous)
@@ -206,13 +236,23 @@ class SlotManager:
 
         The old live stays warm as previous, so a second rollback rolls forward. If
         previous is parked in host memory it is copied back first (outside the routing
-        lock: live serves meanwhile); that copy is planned like a load.
+        lock: live serves meanwhile); that copy is planned like a load, and an in-flight
+        candidate load is aborted rather than waited for. May block on the memory lock:
+        from an event loop use `rollback_async`.
         """
         t0 = time.perf_counter()
-        prev = self.get("previous")
-        if prev is None:
-            raise SlotError("nothing to roll back to: the previous slot is empty")
-        if prev.tier != "device":
+        swap = self._swap_back(reason, t0)
+        if swap is not None:
+            return swap
+        why = f"rollback ({reason or 'no reason given'}) needs the memory to bring previous back"
+        # Abort whichever candidate load holds the lock, until we hold it: another load
+        # may take it between our abort and our acquire.
+        self._abort_candidate_load(why)
+        while not self._mem_lock.acquire(timeout=0.05):
+            self._abort_candidate_load(why)
+        try:
+            if self.get("previous") is None:
+                raise SlotError("nothing to roll back to: the previous slot is empty")
             try:
                 self.unpark("previous")
             except MemoryPlanError:
@@ -224,10 +264,31 @@ class SlotManager:
                             self.get("candidate").ref, self.device)
                 self.release("candidate")
                 self.unpark("previous")
+            # Still under _mem_lock: no load can park previous again before the swap.
+            swap = self._swap_back(reason, t0)
+        finally:
+            self._mem_lock.release()
+        if swap is None:
+            raise SlotError("previous changed while rolling back; retry")
+        return swap
+
+    async def rollback_async(self, reason: str = "") -> Swap:
+        """`rollback` for callers on an event loop: never blocks it. The pointer swap
+        (previous warm on the device) runs inline; bringing a parked previous back
+        (waiting for the memory lock, copying weights) runs in a thread."""
+        swap = self._swap_back(reason, time.perf_counter())
+        if swap is not None:
+            return swap
+        return await asyncio.to_thread(self.rollback, reason)
+
+    def _swap_back(self, reason: str, t0: float) -> Swap | None:
+        """The O(1) swap under the routing lock; None when previous is not on the device."""
         with self._lock:
             prev = self._slots.get("previous")
-            if prev is None or prev.tier != "device":
-                raise SlotError("previous changed while rolling back; retry")
+            if prev is None:
+                raise SlotError("nothing to roll back to: the previous slot is empty")
+            if prev.tier != "device":
+                return None
             live = self._slots.get("live")
             self._slots["live"] = prev
             prev.name = "live"
@@ -239,6 +300,11 @@ class SlotManager:
         took = time.perf_counter() - t0
         log.info("rollback to %s in %.3f ms (%s)", prev.ref, took * 1e3, reason or "no reason given")
         return Swap("rollback", prev.ref, live.ref if live else None, None, took, reason)
+
+    def _abort_candidate_load(self, why: str) -> None:
+        ticket = self._load_ticket
+        if ticket is not None and ticket.slot == "candidate" and ticket.abort(why):
+            log.warning("aborting the load of candidate %s: %s", ticket.ref, why)
 
     def release(self, slot: str) -> str | None:
         """Empty `slot`; its engine closes once its in-flight requests finish. Returns
