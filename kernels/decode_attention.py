@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from . import dispatch
 
 
 @triton.jit
@@ -91,16 +91,11 @@ def _reduce_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, o_sb, o_sh, NUM_SPLITS, D: t
     tl.store(out_ptr + b * o_sb + h * o_sh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def _num_splits(batch: int, hk: int, max_len: int, device: torch.device) -> int:
     # Enough programs for ~2 waves over the SMs, but chunks of >= 128 tokens of the longest
     # possible sequence (the table width; seq_lens stays on the device, no sync). Short
     # sequences in a wide table simply leave their tail splits empty.
-    want = triton.cdiv(2 * _sm_count(device), batch * hk)
+    want = triton.cdiv(2 * dispatch.sm_count(device), batch * hk)
     return max(1, min(want, triton.cdiv(max_len, 128), 64))
 
 

@@ -8,12 +8,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 
 CHOICES = ("auto", "triton", "torch")
-
 
 
 def backend() -> str:
@@ -31,3 +31,20 @@ def use_triton(x: torch.Tensor) -> bool:
     if choice == "triton":
         return True
     return x.is_cuda
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device | str) -> int:
+    """Streaming multiprocessors of `device` (4 off CUDA: small grids for the interpreter).
+
+    Launchers size their grids with it; `slotserve.kernels.aot` replaces it with an H100's
+    132 to compile the launches an H100 would get.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 4
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import dispatch
+
 _M32 = 0xFFFFFFFF
 NC = 32           # candidate thresholds counted per pass (an NC-ary search)
 SEARCH_STEPS = 8  # 7 passes shrink a 2**32 key range to one key (32 -> 27 -> ... -> 2 -> 0 bits), +1 to apply
@@ -191,7 +193,7 @@ def _pick_kernel(temp_ptr, part_max_ptr, part_idx_ptr, g_score_ptr, g_idx_ptr, o
 
 def _chunk(b: int, v: int, device: torch.device) -> int:
     # ~4 programs per SM over the batch, chunks of >= 1024 tokens, at most 256 chunks a row
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    sms = dispatch.sm_count(device)
     per_row = max(1, min(256, triton.cdiv(4 * sms, b)))
     return max(1024, triton.next_power_of_2(triton.cdiv(v, per_row)))
 
