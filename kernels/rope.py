@@ -6,35 +6,66 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _rope_rotate(src_ptr, dst_ptr, t, src_st, src_sh, dst_st, dst_sh, cos, sin, NH, HALF,
-                 BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    # rotate one token's [NH, D] heads, BLOCK_H at a time; cos/sin [1, BLOCK_HALF] fp32
-    d = tl.arange(0, BLOCK_HALF)[None, :]
-    for h0 in range(0, NH, BLOCK_H):
-        h = h0 + tl.arange(0, BLOCK_H)[:, None]
-        mask = (h < NH) & (d < HALF)
-        src = src_ptr + t * src_st + h * src_sh + d
-        x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-        dst = dst_ptr + t * dst_st + h * dst_sh + d
-        tl.store(dst, (x1 * cos - x2 * sin).to(dst_ptr.dtype.element_ty), mask=mask)
-        tl.store(dst + HALF, (x2 * cos + x1 * sin).to(dst_ptr.dtype.element_ty), mask=mask)
+from . import dispatch
 
 
 @triton.jit
-def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, cache_ptr, q_st, q_sh, k_st, k_sh, qo_st, qo_sh, ko_st,
-                 ko_sh, cache_st, HQ, HK, HALF, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    # One program per token: read its cos/sin row once, rotate all q and k heads.
-    t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t)
-    d = tl.arange(0, BLOCK_HALF)[None, :]
-    row = cache_ptr + pos * cache_st + d
-    cos = tl.load(row, mask=d < HALF, other=0.0).to(tl.float32)
-    sin = tl.load(row + HALF, mask=d < HALF, other=0.0).to(tl.float32)
-    _rope_rotate(q_ptr, qo_ptr, t, q_st, q_sh, qo_st, qo_sh, cos, sin, HQ, HALF, BLOCK_H, BLOCK_HALF)
-    _rope_rotate(k_ptr, ko_ptr, t, k_st, k_sh, ko_st, ko_sh, cos, sin, HK, HALF, BLOCK_H, BLOCK_HALF)
+def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, cache_ptr, T, q_st, q_sh, k_st, k_sh, qo_st, ko_st, cache_st,
+                 HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr,
+                 BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    # One program per BLOCK_T tokens, all their q and k heads in one tile each (no loop).
+    # Every load is issued before the first store, and none of q/k waits for the position,
+    # so a program costs about two memory round trips (positions + q/k, then cos/sin);
+    # each head row is HALF contiguous elements -> 16-byte vector loads and stores.
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = t < T
+    pos = tl.load(pos_ptr + t, mask=tmask, other=0)
+    t3 = t[:, None, None]
+    m3 = tmask[:, None, None]
+    d = tl.arange(0, BLOCK_HALF)[None, None, :]
+    hq = tl.arange(0, BLOCK_HQ)[None, :, None]
+    hk = tl.arange(0, BLOCK_HK)[None, :, None]
+    qmask = m3 & (hq < HQ) & (d < HALF)
+    kmask = m3 & (hk < HK) & (d < HALF)
+    q_src = q_ptr + t3 * q_st + hq * q_sh + d
+    k_src = k_ptr + t3 * k_st + hk * k_sh + d
+    q1 = tl.load(q_src, mask=qmask, other=0.0)
+    q2 = tl.load(q_src + HALF, mask=qmask, other=0.0)
+    k1 = tl.load(k_src, mask=kmask, other=0.0)
+    k2 = tl.load(k_src + HALF, mask=kmask, other=0.0)
+    # cos and sin in one load ([BLOCK_T, BLOCK_HALF, 2]: both issued at once), then split
+    dc = tl.arange(0, BLOCK_HALF)[None, :, None]
+    half = tl.arange(0, 2)[None, None, :] * HALF
+    cs = tl.load(cache_ptr + pos[:, None, None] * cache_st + half + dc, mask=m3 & (dc < HALF), other=0.0)
+    cos, sin = tl.split(cs.to(tl.float32))
+    cos, sin = cos[:, None, :], sin[:, None, :]                             # [BLOCK_T, 1, BLOCK_HALF]
+    q1, q2, k1, k2 = q1.to(tl.float32), q2.to(tl.float32), k1.to(tl.float32), k2.to(tl.float32)
+    q_dst = qo_ptr + t3 * qo_st + hq * (2 * HALF) + d                       # outputs are contiguous
+    k_dst = ko_ptr + t3 * ko_st + hk * (2 * HALF) + d
+    tl.store(q_dst, (q1 * cos - q2 * sin).to(qo_ptr.dtype.element_ty), mask=qmask)
+    tl.store(q_dst + HALF, (q2 * cos + q1 * sin).to(qo_ptr.dtype.element_ty), mask=qmask)
+    tl.store(k_dst, (k1 * cos - k2 * sin).to(ko_ptr.dtype.element_ty), mask=kmask)
+    tl.store(k_dst + HALF, (k2 * cos + k1 * sin).to(ko_ptr.dtype.element_ty), mask=kmask)
+
+
+def rope_launch_meta(t: int, hq: int, hk: int, d: int, sms: int, elem_bytes: int = 2) -> dict:
+    """Tile sizes and warps of `_rope_kernel` for T tokens of [Hq, D] q and [Hk, D] k.
+
+    A tile holds BLOCK_T tokens' padded heads (up to 8K elements), more than one token
+    only while the grid keeps >= 4 programs per SM. Warps: as few as give the smallest
+    tile (one half of k) 16 contiguous bytes per thread, so every q/k load and store can
+    be a 16-byte vector access (a thread then holds several of q's).
+    """
+    half = d // 2
+    block_half = triton.next_power_of_2(half)
+    bq, bk = triton.next_power_of_2(hq), triton.next_power_of_2(hk)
+    per_token = (bq + bk) * 2 * block_half
+    block_t = 1
+    while block_t < 8 and 2 * block_t * per_token <= 8192 and triton.cdiv(t, 2 * block_t) >= 4 * sms:
+        block_t *= 2
+    vec = max(1, 16 // elem_bytes)
+    warps = max(1, min(8, block_t * bk * block_half // (32 * vec)))
+    return dict(BLOCK_T=block_t, BLOCK_HQ=bq, BLOCK_HK=bk, BLOCK_HALF=block_half, num_warps=warps)
 
 
 def apply_rope_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor):
@@ -51,12 +82,10 @@ def apply_rope_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     hk = k.shape[1]
     qo, ko = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if t:
-        half = d // 2
-        block_half = triton.next_power_of_2(half)
-        block_h = max(1, min(triton.next_power_of_2(max(hq, hk)), 2048 // block_half))
-        _rope_kernel[(t,)](q, k, qo, ko, positions, cos_sin_cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                           qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1), cos_sin_cache.stride(0), hq, hk,
-                           half, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=4)
+        meta = rope_launch_meta(t, hq, hk, d, dispatch.sm_count(q.device), q.element_size())
+        _rope_kernel[(triton.cdiv(t, meta["BLOCK_T"]),)](
+            q, k, qo, ko, positions, cos_sin_cache, t, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            qo.stride(0), ko.stride(0), cos_sin_cache.stride(0), HQ=hq, HK=hk, HALF=d // 2, **meta)
     return qo, ko
 
 

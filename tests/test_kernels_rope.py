@@ -49,3 +49,24 @@ def test_rope_position_zero_is_identity_and_custom_inv_freq():
     gq, gk = rope.apply_rope_triton(q, k, torch.zeros(2, dtype=torch.int64, device=DEVICE), cache)
     assert torch.equal(gq, q) and torch.equal(gk, k)
     assert not torch.allclose(cache, rope.build_cos_sin_cache(16, 64, base=10000.0, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t,hq,hk,d", [(13, 12, 4, 80), (37, 4, 2, 64)])
+def test_rope_multi_token_tiles(t, hq, hk, d, dtype, monkeypatch):
+    # One SM: the launcher packs several tokens per program; T is not a multiple of the tile.
+    from slotserve.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "sm_count", lambda device: 1)
+    assert rope.rope_launch_meta(t, hq, hk, d, 1)["BLOCK_T"] > 1
+    g = torch.Generator().manual_seed(t * d)
+    qkv = torch.randn(t, (hq + 2 * hk) * d, generator=g).to(DEVICE, dtype)
+    q = qkv[:, : hq * d].view(t, hq, d)
+    k = qkv[:, hq * d: (hq + hk) * d].view(t, hk, d)
+    cache = rope.build_cos_sin_cache(512, d, device=DEVICE)
+    pos = torch.randint(0, 512, (t,), generator=g).to(DEVICE)
+    gq, gk = rope.apply_rope_triton(q, k, pos, cache)
+    wq, wk = rope.apply_rope_ref(q, k, pos, cache)
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    torch.testing.assert_close(gq, wq, rtol=tol, atol=tol)
+    torch.testing.assert_close(gk, wk, rtol=tol, atol=tol)
