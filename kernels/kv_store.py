@@ -6,22 +6,45 @@ import torch
 import triton
 import triton.language as tl
 
+from . import dispatch
+
 
 @triton.jit
-def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, k_stride_t, k_stride_h, v_stride_t, v_stride_h,
-                     HK: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    # One program per token: copy its [Hk, D] keys and values to cache row `slot` (contiguous cache).
-    t = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + t)
-    if slot >= 0:
-        h = tl.arange(0, BLOCK_H)[:, None]
-        d = tl.arange(0, BLOCK_D)[None, :]
-        mask = (h < HK) & (d < D)
-        k = tl.load(k_ptr + t * k_stride_t + h * k_stride_h + d, mask=mask)
-        v = tl.load(v_ptr + t * v_stride_t + h * v_stride_h + d, mask=mask)
-        dst = slot * (HK * D) + h * D + d
-        tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=mask)
-        tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=mask)
+def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, T, k_st, k_sh, v_st, v_sh,
+                     HK: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    # One program per BLOCK_T tokens: their [Hk, D] keys and values to cache rows `slot`
+    # (contiguous cache, so a row is Hk*D contiguous elements). k and v are loaded without
+    # waiting for the slot (a padding token's row is read and dropped), so a program costs
+    # one memory round trip before its stores; rows of D contiguous -> 16-byte accesses.
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = t < T
+    slot = tl.load(slot_ptr + t, mask=tmask, other=-1).to(tl.int64)
+    t3 = t[:, None, None]
+    h = tl.arange(0, BLOCK_H)[None, :, None]
+    d = tl.arange(0, BLOCK_D)[None, None, :]
+    mask = tmask[:, None, None] & (h < HK) & (d < D)
+    k = tl.load(k_ptr + t3 * k_st + h * k_sh + d, mask=mask)
+    v = tl.load(v_ptr + t3 * v_st + h * v_sh + d, mask=mask)
+    dst = slot[:, None, None] * (HK * D) + h * D + d
+    keep = mask & (slot >= 0)[:, None, None]
+    tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=keep)
+    tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=keep)
+
+
+def store_kv_launch_meta(t: int, hk: int, d: int, sms: int, elem_bytes: int = 2) -> dict:
+    """Tile sizes and warps of `_store_kv_kernel` for T tokens of [Hk, D].
+
+    Up to 4K elements of k (and of v) per program, more than one token only while the grid
+    keeps >= 4 programs per SM; warps so each thread holds >= 16 contiguous bytes (one
+    16-byte access) when the tile allows.
+    """
+    bh, bd = triton.next_power_of_2(hk), triton.next_power_of_2(d)
+    block_t = 1
+    while block_t < 16 and 2 * block_t * bh * bd <= 4096 and triton.cdiv(t, 2 * block_t) >= 4 * sms:
+        block_t *= 2
+    warps = max(1, min(4, block_t * bh * bd // (32 * max(1, 16 // elem_bytes))))
+    return dict(BLOCK_T=block_t, BLOCK_H=bh, BLOCK_D=bd, num_warps=warps)
 
 
 def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -39,9 +62,11 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
     if slot_mapping.shape != (t,):
         raise ValueError(f"store_kv: slot_mapping must be [{t}], got {tuple(slot_mapping.shape)}")
     if t:
-        _store_kv_kernel[(t,)](k, v, k_cache, v_cache, slot_mapping.long(), k.stride(0), k.stride(1), v.stride(0),
-                               v.stride(1), HK=hk, D=d, BLOCK_H=triton.next_power_of_2(hk),
-                               BLOCK_D=triton.next_power_of_2(d), num_warps=4)
+        meta = store_kv_launch_meta(t, hk, d, dispatch.sm_count(k.device), k.element_size())
+        # slot_mapping is read in its own integer dtype (no conversion launch for int32)
+        _store_kv_kernel[(triton.cdiv(t, meta["BLOCK_T"]),)](
+            k, v, k_cache, v_cache, slot_mapping, t, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            HK=hk, D=d, **meta)
 
 
 def store_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -38,3 +38,25 @@ def test_store_kv_rejects_mismatched_cache():
     with pytest.raises(ValueError, match="caches"):
         kv_store.store_kv_triton(k, k, torch.zeros(2, 4, 2, 16, device=DEVICE), torch.zeros(2, 4, 2, 16, device=DEVICE),
                                  torch.zeros(2, dtype=torch.int64, device=DEVICE))
+
+
+@pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("t,hk,d", [(37, 2, 80), (13, 8, 64)])
+def test_store_kv_multi_token_tiles(t, hk, d, slot_dtype, monkeypatch):
+    # One SM: the launcher packs several tokens per program; T is not a multiple of the tile;
+    # padding tokens (-1) anywhere in a tile; int32 slots are read as they are.
+    from slotserve.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "sm_count", lambda device: 1)
+    assert kv_store.store_kv_launch_meta(t, hk, d, 1)["BLOCK_T"] > 1
+    g = torch.Generator().manual_seed(t + d)
+    kv = torch.randn(t, 2, hk, d, generator=g).to(DEVICE, torch.float16)
+    nb, bs = 8, 16
+    slots = torch.randperm(nb * bs, generator=g)[:t]
+    slots[::5] = -1
+    slots = slots.to(DEVICE, slot_dtype)
+    caches = [torch.randn(nb, bs, hk, d, generator=g).to(DEVICE, torch.float16) for _ in range(2)]
+    ref = [c.clone() for c in caches]
+    kv_store.store_kv_triton(kv[:, 0], kv[:, 1], caches[0], caches[1], slots)
+    kv_store.store_kv_ref(kv[:, 0], kv[:, 1], ref[0], ref[1], slots.long())
+    assert torch.equal(caches[0], ref[0]) and torch.equal(caches[1], ref[1])
