@@ -25,6 +25,11 @@ Rollback swaps previous and live, so the old live becomes previous: rolling back
 is a roll-forward. Promote drops the old previous (released once its requests finish).
 Nothing here writes the ledger: the replica reports (load results, `on_oom` events) to
 the controller, which owns the ledger, so N replicas do not write N entries.
+
+Layout: this file is the façade (the slot table, its locks, swaps, release, state);
+loading is in serve/slot_loading.py, park/unpark and the byte accounting in
+serve/slot_memory.py, requests and the OOM guard in serve/slot_requests.py (mixed in).
+The names tests and other modules import from here are re-exported.
 """
 
 from __future__ import annotations
@@ -38,14 +43,14 @@ from typing import Callable
 
 import torch
 
-from slotserve.faults import FaultInjector, Faults, InjectedOOM
-from slotserve.load_abort import AbortablePool, LoadAborted, LoadTicket, checked_by
-from slotserve.memory import (LoadEstimate, MemoryPlanError, available_bytes, device_memory, estimate,
-                              kv_tokens, plan)
+from slotserve.load_abort import AbortablePool, LoadAborted, LoadTicket
+from slotserve.memory import MemoryPlanError, available_bytes
 from slotserve.slot import Slot, SlotRequest, SlotUnavailable
-from slotserve.slot_state import OOMEvent, Overloaded, SlotError, SlotInfo, SlotsState, Swap, account
-from slotserve.slot_loader import load_engine, load_tokenizer, run_in_loader_thread, same_tokenizer, shared_fn
-from slotserve import tiers
+from slotserve.slot_loader import run_in_loader_thread
+from slotserve.slot_loading import SlotLoading
+from slotserve.slot_memory import SlotMemory
+from slotserve.slot_requests import SlotRequests
+from slotserve.slot_state import OOMEvent, Overloaded, SlotError, SlotInfo, SlotsState, Swap
 
 log = logging.getLogger("slotserve.slots")
 
@@ -54,7 +59,9 @@ __all__ = ["SlotManager", "Slot", "SlotRequest", "SlotsState", "SlotInfo", "OOME
            "SlotError", "SlotUnavailable", "Swap", "MemoryPlanError", "LoadAborted", "SLOT_NAMES"]
 
 
-class SlotManager:
+class SlotManager(SlotLoading, SlotMemory, SlotRequests):
+    """The live / previous / candidate slots of one replica on one device (see the module doc)."""
+
     def __init__(self, store, device: str = "cpu", memory_budget_bytes: int | None = None, *,
                  headroom_bytes: int | None = None, on_oom: Callable[[OOMEvent], None] | None = None,
                  retry_after_s: float = 1.0, park_when_full: bool | None = None, loader_nice: int = 10,
@@ -83,7 +90,7 @@ class SlotManager:
 
     # ------------------------------------------------------------------ lookup
     def get(self, name: str) -> Slot | None:
-        _check_name(name)
+        self._check_name(name)
         with self._lock:
             return self._slots.get(name)
 
@@ -97,115 +104,10 @@ class SlotManager:
         with self._lock:
             return ", ".join(f"{n}={s.ref}" for n, s in self._slots.items())
 
-    # ------------------------------------------------------------------ loading
-    def load(self, ref: str, slot: str = "candidate", evict_previous: bool = False) -> Slot:
-        """Open, verify, plan memory, build the engine and tokenizer, then place the slot.
-
-        Live keeps serving meanwhile: the heavy work runs in a lower-priority loader
-        thread and the routing lock is taken only to place the result. Refuses with
-        MemoryPlanError (numbers in the message) rather than squeezing live/previous;
-        `evict_previous=True` releases previous first. Blocks the caller until done.
-        A rollback that needs the memory aborts a candidate load: LoadAborted.
-        """
-        _check_name(slot)
-        ticket = LoadTicket(ref, slot)
-        # All of it — opening, hashing, planning, building — runs in the throttled
-        # loader thread: any Python work here competes with live for the GIL. Once
-        # aborted it stops throttling: unwinding fast is what the rollback waits for.
-        return run_in_loader_thread(lambda: self._load(ref, slot, evict_previous, ticket), self.loader_nice,
-                                    self.loader_slice_s, self.loader_pause_s,
-                                    lambda: not ticket.aborted and self._serving())
-
-    def _load(self, ref: str, slot: str, evict_previous: bool, ticket: LoadTicket) -> Slot:
-        self._check_empty(slot)  # cheap refusal before hashing the bundle
-        t0 = time.perf_counter()
-        # Opening verifies every file's hash (seconds for a big bundle) and touches no
-        # device memory: done before taking _mem_lock, so a rollback never waits for it.
-        bundle = self.store.open(ref)
-        faults = Faults.from_serving(bundle.serving)   # refuse bad drills before any memory
-        with self._mem_lock:
-            self._load_ticket = ticket
-            try:
-                return self._load_locked(bundle, faults, slot, evict_previous, ticket, t0)
-            finally:
-                self._load_ticket = None
-
-    def _load_locked(self, bundle, faults: Faults, slot: str, evict_previous: bool, ticket: LoadTicket,
-                     t0: float) -> Slot:
-        self._check_empty(slot)
-        ticket.check()
-        if evict_previous and slot != "previous":
-            self.release("previous")
-        need = estimate(bundle, device=str(self.device), shared=shared_fn(bundle, self._all_slots()),
-                        headroom_bytes=self.headroom_bytes)
-        try:
-            plan(need, self.device_memory(), self._held())
-        except MemoryPlanError:
-            prev = self.get("previous")
-            if not (self.park_when_full and slot != "previous" and prev and prev.tier == "device"):
-                raise
-            log.warning("%s does not fit beside previous %s: parking previous in host memory",
-                        bundle.ref, prev.ref)
-            self.park("previous")
-            # previous's pool claims are gone: what was shared with it is not any more
-            need = estimate(bundle, device=str(self.device), shared=shared_fn(bundle, self._all_slots()),
-                            headroom_bytes=self.headroom_bytes)
-            plan(need, self.device_memory(), self._held())
-        ticket.check()
-        injector = FaultInjector(faults, bundle.digest)
-        cfg, serving = _json(bundle.path / "model" / "config.json"), bundle.serving
-        try:
-            injector.on_load()  # faults.oom_after == 0 drills an OOM right here
-            with checked_by(ticket):   # a checkpoint before each weight tensor is read
-                engine = load_engine(bundle.path, self.device, self.pool,
-                                     kv_tokens(cfg, serving, str(self.device)))
-            try:
-                ticket.check()
-                tokenizer = same_tokenizer(bundle, self._all_slots()) or load_tokenizer(bundle)
-                ticket.check()
-            except BaseException:
-                engine.close()
-                raise
-        except torch.OutOfMemoryError as exc:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            ev = self._oom_event(slot, bundle.ref, bundle.digest, "load", exc)
-            self._fire(ev)
-            raise MemoryPlanError(
-                f"loading {bundle.ref} into {slot} ran out of memory on {self.device} although "
-                f"the plan fit ({need.total_bytes} B needed, {ev.free_bytes} B free now; held: "
-                f"{ev.held}): {exc}", needed=need.total_bytes, free=ev.free_bytes,
-                held=ev.held) from exc
-        injector.install(engine)
-        s = Slot(slot, bundle, engine, tokenizer, faults=faults, injector=injector,
-                 seq=next(self._seq), load_s=time.perf_counter() - t0)
-        with self._lock:
-            # Swaps do not take _mem_lock: a promote/rollback may have filled the slot
-            # while we loaded. Never overwrite (that would leak an unplanned engine).
-            clash = self._slots.get(slot)
-            if clash is None:
-                self._slots[slot] = s
-        if clash is not None:
-            engine.close()
-            raise SlotError(f"slot {slot} was filled by {clash.ref} while {bundle.ref} loaded; "
-                            "release it first, then load")
-        log.info("loaded %s into %s in %.2fs (%s path)", s.ref, slot, s.load_s, engine.path)
-        return s
-
-    def _check_empty(self, slot: str) -> None:
-        if (s := self.get(slot)) is not None:
-            raise SlotError(f"slot {slot} already holds {s.ref}; release it first "
-                            f"(or promote/rollback), then load")
-
-    async def load_async(self, ref: str, slot: str = "candidate", evict_previous: bool = False) -> Slot:
-        return await asyncio.to_thread(self.load, ref, slot, evict_previous)
-
-    def _serving(self) -> bool:
-        """Whether any slot has requests running (the loader throttles itself then)."""
-        try:
-            return any(s._inflight for s in list(self._slots.values()))
-        except RuntimeError:  # the table changed under us: assume busy
-            return True
+    @staticmethod
+    def _check_name(name: str) -> None:
+        if name not in SLOT_NAMES:
+            raise SlotError(f"unknown slot {name!r}; valid slots: {', '.join(SLOT_NAMES)}")
 
     # ------------------------------------------------------------------ swaps
     def promote(self) -> Swap:
@@ -309,7 +211,7 @@ class SlotManager:
     def release(self, slot: str) -> str | None:
         """Empty `slot`; its engine closes once its in-flight requests finish. Returns
         the released ref, or None if the slot was empty (idempotent)."""
-        _check_name(slot)
+        self._check_name(slot)
         with self._lock:
             s = self._slots.pop(slot, None)
             if s is not None:
@@ -339,143 +241,7 @@ class SlotManager:
         with self._lock:
             self._draining = [d for d in self._draining if not d.engine.closed]
 
-    # ------------------------------------------------------------------ tiers
-    def park(self, slot: str = "previous", timeout: float | None = 30.0) -> int:
-        """Move `slot`'s exclusive tensors to (pinned) host memory; returns bytes moved.
-        Waits for its in-flight requests; new ones are refused while it is parked."""
-        if slot == "live":
-            raise SlotError("live cannot be parked (it serves); park previous or candidate")
-        with self._mem_lock:
-            s = self.slot(slot)
-            if s.tier == "host":
-                return 0
-            with s._cv:
-                s.tier = "moving"
-            if not s.wait_idle(timeout):
-                s.tier = "device"
-                raise SlotError(f"cannot park {slot}: {s.inflight} requests still running after {timeout}s")
-            try:
-                s.parked = tiers.park(s.engine)   # what another engine shares stays on the device
-            except BaseException:
-                s.tier = "device"                 # the engine changed nothing
-                raise
-            s.tier = "host"
-            return s.parked.moved_bytes
-
-    def unpark(self, slot: str = "previous") -> int:
-        """Copy a parked slot back to the device (planned like a load)."""
-        with self._mem_lock:
-            s = self.slot(slot)
-            if s.tier != "host":
-                return 0
-            need = LoadEstimate(s.parked.moved_bytes, s.parked.kv_bytes, 0)
-            plan(need, self.device_memory(), self._held())
-            s.tier = "moving"
-            try:
-                n = tiers.unpark(s.engine)
-            except BaseException:
-                s.tier = "host"
-                raise
-            s.parked, s.tier = None, "device"
-            return n
-
-    # ------------------------------------------------------------------ requests
-    async def generate(self, slot: str | Slot, prompt_ids: list[int], params=None) -> SlotRequest:
-        """Start a request on `slot` (a name, or a Slot object to pin it) -> SlotRequest.
-
-        Applies the slot's faults, then submits to its engine. OOM guard: out of memory
-        on a candidate releases it, fires `on_oom` and retries on live (returning live's
-        request); out of memory on live/previous raises Overloaded (a 429).
-        """
-        params = _params(params)
-        s = self._acquire(slot)
-        try:
-            if s.injector is not None:
-                await s.injector.before_request_async()
-            handle = s.engine.submit(prompt_ids, params)
-        except torch.OutOfMemoryError as exc:
-            s._exit()
-            req = await self._after_oom(s, exc, prompt_ids, params)
-            req.first_slot, req.retried = s, True
-            return req
-        except BaseException:
-            s._exit()
-            raise
-        return SlotRequest(self, s, handle, list(prompt_ids), params)
-
-    def _acquire(self, slot: str | Slot) -> Slot:
-        with self._lock:
-            if isinstance(slot, Slot):
-                s = slot
-            else:
-                _check_name(slot)
-                s = self._slots.get(slot)
-                if s is None:
-                    raise SlotError(f"slot {slot!r} is empty; occupied: "
-                                    + (", ".join(f"{n}={o.ref}" for n, o in self._slots.items()) or "none"))
-            s._enter()  # under the routing lock: a release cannot slip in between
-            return s
-
-    async def _after_oom(self, s: Slot, exc: BaseException, prompt_ids, params) -> SlotRequest:
-        if s.name != "candidate":
-            raise Overloaded(self.retry_after_s,
-                             f"out of memory on {s.name} ({s.ref}): {exc}") from exc
-        with self._lock:
-            first = not s.oom_reported
-            s.oom_reported = True
-            if self._slots.get("candidate") is s:
-                self._slots.pop("candidate")
-                self._retire_locked(s)
-        if first:
-            self._close_if_idle(s, wait=False)  # on the event loop: never block it
-            self._fire(self._oom_event("candidate", s.ref, s.digest, "request", exc))
-        log.warning("candidate %s out of memory; request retried on live", s.ref)
-        try:
-            return await self.generate("live", prompt_ids, params)
-        except SlotError:
-            raise Overloaded(self.retry_after_s, f"candidate {s.ref} out of memory and no live "
-                             "slot to retry on") from exc
-
-    def _oom_event(self, slot, ref, digest, phase, exc) -> OOMEvent:
-        dev = self.device_memory()
-        held = self._held()
-        ev = OOMEvent(slot=slot, ref=ref, digest=digest, phase=phase,
-                      injected=isinstance(exc, InjectedOOM), error=str(exc), device=str(self.device),
-                      free_bytes=available_bytes(dev, held), budget_bytes=self.budget_bytes, held=held,
-                      at=time.time())
-        self.events = (self.events + [ev])[-32:]
-        return ev
-
-    def _fire(self, ev: OOMEvent) -> None:
-        if self.on_oom is None:
-            return
-        try:
-            self.on_oom(ev)
-        except Exception:  # reporting must never turn a retried request into a failure
-            log.exception("on_oom callback failed")
-
-    # ------------------------------------------------------------------ memory & state
-    def device_memory(self):
-        return device_memory(str(self.device), self.budget_bytes)
-
-    def _all_slots(self) -> list[Slot]:
-        with self._lock:
-            return list(self._slots.values()) + [d for d in self._draining if not d.engine.closed]
-
-    def _accounting(self):
-        """(slots by name, draining slots, their Acc by id, device bytes held per entry)."""
-        with self._lock:
-            named = dict(self._slots)
-            draining = [d for d in self._draining if not d.engine.closed]
-        acc = account(list(named.values()) + draining, self.device)
-        held = {n: acc[id(s)].device_bytes for n, s in named.items()}
-        held.update({f"released {d.ref}": acc[id(d)].device_bytes for d in draining})
-        return named, draining, acc, held
-
-    def _held(self) -> dict[str, int]:
-        """Device bytes each slot holds (shared tensors counted once, on the oldest slot)."""
-        return self._accounting()[3]
-
+    # ------------------------------------------------------------------ state
     def state(self) -> SlotsState:
         named, draining, acc, held = self._accounting()
         infos = {}
@@ -501,25 +267,3 @@ class SlotManager:
             self.release(n)
         for d in self._all_slots():
             d.close()
-
-
-# ---------------------------------------------------------------------- helpers
-def _check_name(name: str) -> None:
-    if name not in SLOT_NAMES:
-        raise SlotError(f"unknown slot {name!r}; valid slots: {', '.join(SLOT_NAMES)}")
-
-
-def _params(params):
-    from slotserve.engine import SamplingParams
-
-    if params is None:
-        return SamplingParams()
-    if isinstance(params, dict):
-        return SamplingParams(**params)
-    return params
-
-
-def _json(path):
-    import json
-
-    return json.loads(path.read_text())

@@ -139,21 +139,21 @@ def _greedy(store, ref):
 
 def test_load_does_not_block_routing_or_rollback(store, monkeypatch):
     """A slow load (simulated) holds no lock that requests or rollback need."""
-    import slotserve.slots as slots_mod
+    import slotserve.slot_loading as loading_mod   # where SlotManager.load builds the engine
 
     mgr = SlotManager(store, memory_budget_bytes=1 << 30)
     try:
         mgr.load("demo:1", "live")
         mgr.load("demo:3")
         mgr.promote()
-        real = slots_mod.load_engine
+        real = loading_mod.load_engine
         entered = threading.Event()
 
         def slow(*a, **k):
             entered.set()
             time.sleep(0.8)
             return real(*a, **k)
-        monkeypatch.setattr(slots_mod, "load_engine", slow)
+        monkeypatch.setattr(loading_mod, "load_engine", slow)
         th = threading.Thread(target=mgr.load, args=("demo:2",))
         th.start()
         assert entered.wait(5)
