@@ -239,9 +239,12 @@ def test_rollback_does_not_wait_for_a_running_load(env, tmp_path):
             assert done.status_code == 200 and done.json()["converged"], done.text
             st = (await c.get("/admin/state", headers=AUTH)).json()
             assert st["desired"]["live"]["ref"] == "demo:1"
-            assert st["desired"]["candidate"]["ref"] == f"demo:{big.version}"
-            rep_state = st["replicas"][0]
-            assert rep_state["applied"] == st["version"]
+            assert st["desired"]["candidate"] is None  # the rollback released it
+            for _ in range(200):
+                if rep.applied == ctl.core.state.version and "candidate" not in rep.backend.digests():
+                    break
+                await asyncio.sleep(0.01)
+            assert rep.applied == ctl.core.state.version and "candidate" not in rep.backend.digests()
         finally:
             await c.aclose()
             await rep.stop()
