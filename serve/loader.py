@@ -46,7 +46,8 @@ def load_engine(cls, path, device="cpu", dtype=None, *, max_model_len=None, max_
     eos = _eos_ids(model_dir, hf_cfg)
     max_batch = int(max_batch or serving.get("max_batch") or 64)
 
-    from slotserve.model import LeanConfig, LeanModel, LeanRunner, weight_specs
+    from slotserve.model import LeanConfig, LeanModel, weight_specs
+    from slotserve.runner import LeanRunner
 
     lean = LeanConfig.from_hf(hf_cfg)
     if model_impl not in ("auto", "lean", "transformers"):

@@ -162,7 +162,7 @@ def test_transformers_fallback_parks_too(tmp_path):
 def test_failed_load_releases_pool_claims(llama_dir, other_dir, monkeypatch, where):
     """An OOM partway through from_pretrained (after weights were claimed from / added to
     the shared pool) leaves the pool exactly as it was."""
-    import slotserve.model as model_mod
+    import slotserve.runner as runner_mod
 
     pool = TensorPool()
     with Engine.from_pretrained(llama_dir, tensor_pool=pool) as live:
@@ -171,7 +171,7 @@ def test_failed_load_releases_pool_claims(llama_dir, other_dir, monkeypatch, whe
         def oom(*a, **k):
             raise torch.OutOfMemoryError(f"injected OOM in {where}")
         with monkeypatch.context() as m:
-            m.setattr(kv_cache_mod if where == "KVCache" else model_mod, where, oom)
+            m.setattr(kv_cache_mod if where == "KVCache" else runner_mod, where, oom)
             for path in (llama_dir, other_dir):          # claims on live's entries / new entries
                 with pytest.raises(torch.OutOfMemoryError, match="injected"):
                     Engine.from_pretrained(path, tensor_pool=pool)
