@@ -7,154 +7,40 @@ Layout under the root ($SLOTSERVE_HOME, default ~/.slotserve):
     bundles/<name>/<version>/       manifest.json + hard links to the blobs
     tmp/<host>-<pid>-<rand>         staging; never visible as a bundle
 
-Publish order, so that a crash at any point leaves nothing half-written visible:
-hash the source -> copy blobs (tmp + fsync + rename) -> assemble a staging dir ->
-BEGIN IMMEDIATE (allocates the version) -> write manifest.json -> rename the staging
-dir into bundles/ -> insert the registry row + ledger entry -> COMMIT. A bundle
-exists only once its row is committed; a directory without a row is the debris of
-a crashed publish and `recover()` (run by every publish under the write lock)
-removes it.
+This file is the façade: the root, resolving a ref to a registry row, listing, and the
+on-disk manifest checked against the registry. Publishing (atomic, crash-safe, and
+`recover()` of a crashed publish's debris) is in bundles/publishing.py, `open` /
+`verify` and `OpenedBundle` in bundles/verification.py (both mixed into `Store`),
+file hashing and its per-inode cache in bundles/file_hash.py. The names other modules
+and tests import from here are re-exported, so `slotserve.bundles.store` stays the
+one import path.
 """
 
 from __future__ import annotations
 
 import errno
-import getpass
-import hashlib
-import json
 import os
-import secrets
-import shutil
-import signal
-import socket
-import subprocess
-import threading
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
 
-from slotserve.bundles.manifest import (BundleError, FileEntry, Lineage, Manifest, ModelInfo, ModelSource,
-                                        RetrievalIndexRef, check_name, digest_of)
+from slotserve.bundles.file_hash import hash_file
+from slotserve.bundles.manifest import BundleError, Manifest
+from slotserve.bundles.publishing import CRASH_ENV, CRASH_POINTS, BundlePublishing, Published, default_actor
 from slotserve.bundles.ref import Ref, parse_ref
-from slotserve.bundles.registry import BundleRecord, Registry, Txn, utc_now
-from slotserve.bundles.source import SERVING_DEFAULTS, normalize_serving, read_source
+from slotserve.bundles.registry import BundleRecord, Registry
+from slotserve.bundles.source import SERVING_DEFAULTS, normalize_serving
+from slotserve.bundles.verification import BundleVerification, OpenedBundle
 
 __all__ = ["Store", "BundleError", "OpenedBundle", "Published", "SERVING_DEFAULTS", "default_root",
-           "default_actor", "normalize_serving"]
-
-CRASH_ENV = "SLOTSERVE_TEST_CRASH_AT"  # test hook: SIGKILL ourselves at a named publish stage
-CRASH_POINTS = ("mid_copy", "after_copy", "before_rename", "after_rename", "after_commit")
-_CHUNK = 1 << 20
-
-# Verified file hashes keyed by inode identity: a rewrite changes mtime or ctime, so a
-# stale entry can never vouch for changed bytes. Shared by every Store in the process.
-_VERIFIED: dict[tuple[int, int, int, int, int], str] = {}
-_VERIFIED_LOCK = threading.Lock()
-_SETTLED_NS = 2_000_000_000
+           "default_actor", "normalize_serving", "hash_file", "CRASH_ENV", "CRASH_POINTS"]
 
 
 def default_root() -> Path:
     return Path(os.environ.get("SLOTSERVE_HOME") or "~/.slotserve").expanduser()
 
 
-def default_actor() -> str:
-    if os.environ.get("SLOTSERVE_ACTOR"):
-        return os.environ["SLOTSERVE_ACTOR"]
-    try:
-        return getpass.getuser()
-    except Exception:  # no passwd entry (some containers)
-        return f"uid:{os.getuid()}"
+class Store(BundleVerification, BundlePublishing):
+    """A bundle store at `root`; `create=False` refuses a directory that holds none yet."""
 
-
-@dataclass(frozen=True)
-class OpenedBundle:
-    """A verified bundle directory in the store (read-only)."""
-
-    path: Path
-    manifest: Manifest
-
-    @property
-    def ref(self) -> str:
-        return self.manifest.ref
-
-    @property
-    def digest(self) -> str:
-        return self.manifest.digest
-
-    @property
-    def model_dir(self) -> Path:
-        return self.path / "model"
-
-    @property
-    def tokenizer_dir(self) -> Path:
-        return self.path / "tokenizer"
-
-    @property
-    def serving(self) -> dict[str, Any]:
-        return json.loads((self.path / "serving.json").read_text())
-
-    @property
-    def system_prompt(self) -> str | None:
-        p = self.path / "prompt" / "system.txt"
-        return p.read_text(encoding="utf-8") if p.exists() else None
-
-    @property
-    def prompt_template(self) -> str | None:
-        p = self.path / "prompt" / "template.jinja"
-        return p.read_text(encoding="utf-8") if p.exists() else None
-
-
-@dataclass(frozen=True)
-class Published:
-    manifest: Manifest
-    created: bool  # False: identical content was already published (a no-op)
-
-
-def _crash_point(stage: str) -> None:
-    if os.environ.get(CRASH_ENV) == stage:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _force_rmtree(path: Path) -> None:
-    """Remove a tree whose directories were sealed read-only."""
-    for d, _, _ in os.walk(path):
-        os.chmod(d, 0o755)
-    shutil.rmtree(path)
-
-
-def hash_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _hash_cached(path: Path) -> str:
-    st = path.stat()
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    with _VERIFIED_LOCK:
-        hit = _VERIFIED.get(key)
-    if hit is None:
-        hit = hash_file(path)
-        # Timestamps are coarse (a few ms): a file changed within the same tick as its
-        # last stat would keep its key. Like git's "racy" rule, only cache settled files.
-        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _SETTLED_NS:
-            with _VERIFIED_LOCK:
-                _VERIFIED[key] = hit
-    return hit
-
-
-class Store:
     def __init__(self, root: str | Path | None = None, *, create: bool = True):
         self.root = Path(root).expanduser() if root is not None else default_root()
         try:
@@ -233,233 +119,3 @@ class Store:
             raise BundleError(f"{rec.ref}: manifest.json (digest {m.digest}) does not match the registry "
                               f"({rec.digest}); the bundle was altered after publishing")
         return m
-
-    # ---- opening and verifying ----------------------------------------------------------
-    def open(self, ref: str | Ref, *, verify: bool = True) -> OpenedBundle:
-        """Resolve, then check every file's size and sha256 (hashes cached per inode in
-        this process). Raises BundleError naming each file that does not match."""
-        rec = self.resolve(ref)
-        m = self._disk_manifest(rec)
-        path = self.path_of(rec.name, rec.version)
-        if verify:
-            self._raise_problems(m, self.check_files(path, m, cached=True))
-        return OpenedBundle(path, m)
-
-    def verify(self, ref: str | Ref) -> OpenedBundle:
-        """Like open, but always rehashes every byte."""
-        rec = self.resolve(ref)
-        m = self._disk_manifest(rec)
-        path = self.path_of(rec.name, rec.version)
-        self._raise_problems(m, self.check_files(path, m, cached=False))
-        return OpenedBundle(path, m)
-
-    @staticmethod
-    def _raise_problems(m: Manifest, problems: list[str]) -> None:
-        if problems:
-            raise BundleError(f"{m.ref} failed verification: " + "; ".join(problems)
-                              + " (bundles are immutable: publish a new version instead of editing files)")
-
-    @staticmethod
-    def check_files(path: Path, m: Manifest, *, cached: bool = True) -> list[str]:
-        problems = []
-        present = {p.relative_to(path).as_posix() for p in path.rglob("*") if not p.is_dir()}
-        present.discard("manifest.json")
-        for rel in sorted(present - set(m.files)):
-            problems.append(f"unexpected file {rel}")
-        for rel, entry in m.files.items():
-            f = path / rel
-            if rel not in present:
-                problems.append(f"missing file {rel}")
-                continue
-            size = f.stat().st_size
-            if size != entry.size:
-                problems.append(f"{rel}: size {size} != {entry.size} in the manifest")
-                continue
-            actual = _hash_cached(f) if cached else hash_file(f)
-            if actual != entry.sha256:
-                problems.append(f"{rel}: sha256 {actual[:12]}… != {entry.sha256[:12]}… in the manifest")
-        return problems
-
-    # ---- publishing --------------------------------------------------------------------
-    def publish(self, src_dir: str | Path, name: str, actor: str | None = None, prompt_template=None,
-                retrieval_index=None, serving=None, eval_file=None, reason: str = "", **kw) -> Manifest:
-        """Publish `src_dir` as the next version of `name`; identical content is a no-op
-        returning the existing manifest. See `publish_detailed` for the keywords."""
-        return self.publish_detailed(src_dir, name, actor, prompt_template, retrieval_index, serving,
-                                     eval_file, reason, **kw).manifest
-
-    def publish_detailed(self, src_dir: str | Path, name: str, actor: str | None = None,
-                         prompt_template: str | Path | None = None,
-                         retrieval_index: str | RetrievalIndexRef | None = None,
-                         serving: str | Path | Mapping[str, Any] | None = None,
-                         eval_file: str | Path | None = None, reason: str = "", *,
-                         system_prompt: str | Path | None = None, version: int | None = None,
-                         source: str | ModelSource | None = None, code_commit: str | None = None,
-                         data_version: str | None = None, parent: str | None = None) -> Published:
-        check_name(name)
-        actor = actor or default_actor()
-        if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
-            raise BundleError(f"invalid version {version!r}: a version is an integer >= 1")
-        ri = RetrievalIndexRef.parse(retrieval_index) if isinstance(retrieval_index, str) else retrieval_index
-        src = read_source(Path(src_dir), prompt_template=prompt_template, system_prompt=system_prompt,
-                          serving=serving, eval_file=eval_file)
-        files = {rel: FileEntry(*src.hash(rel)) for rel in src.files}
-        content_key = digest_of({"files": {p: e.to_dict() for p, e in sorted(files.items())},
-                                 "retrieval_index": None if ri is None else ri.__dict__})
-        origin = src.origin  # re-publishing a bundle: its weights keep their provenance
-        if code_commit is None:
-            code_commit = origin.lineage.code_commit if origin else _git_head(Path(src_dir))
-        if data_version is None and origin:
-            data_version = origin.lineage.data_version
-        if isinstance(source, str):
-            source = ModelSource.parse(source)
-        if source is None:
-            source = origin.model.source if origin else ModelSource("local", str(Path(src_dir).resolve()))
-        model = ModelInfo(src.architecture, src.model_type, source)
-        parent_digest = self.resolve(parent).digest if parent else (origin.digest if origin else None)
-
-        early = self.registry.find_content(name, content_key)  # skip the copy for a re-publish
-        if early is not None and version in (None, early.version):
-            return Published(self._disk_manifest(early), False)
-
-        staging = self.root / "tmp" / f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(6)}"
-        staging.mkdir()
-        final: Path | None = None
-        try:
-            for i, rel in enumerate(sorted(files)):
-                blob = self._put_blob(src, rel, files[rel])
-                dst = staging / rel
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.link(blob, dst)
-                except OSError:  # filesystem without hard links: copy (still read-only)
-                    shutil.copyfile(blob, dst)
-                    os.chmod(dst, 0o444)
-                if i == 0:
-                    _crash_point("mid_copy")
-            _crash_point("after_copy")
-            with self.registry.transaction() as t:
-                again = t.find_content(name, content_key)
-                if again is not None:
-                    if version in (None, again.version):
-                        return Published(self._disk_manifest(again), False)
-                    raise BundleError(f"identical content is already published as {again.ref}; "
-                                      f"it cannot also be {name}:{version}")
-                latest = t.latest(name)
-                if version is None:
-                    version = latest.version + 1 if latest else 1
-                elif t.get(name, version) is not None:
-                    raise BundleError(f"{name}:{version} already exists with different content; bundles are "
-                                      f"immutable: publish without a version to get {name}:{latest.version + 1}")
-                elif latest is not None and version <= latest.version:
-                    raise BundleError(f"versions of {name} are monotonic: {version} is not above the latest "
-                                      f"({latest.version}); use {latest.version + 1} or leave the version out")
-                m = Manifest(name=name, version=version, created_at=utc_now(), created_by=actor, files=files,
-                             model=model, retrieval_index=ri,
-                             lineage=Lineage(code_commit, data_version,
-                                             parent_digest or (latest.digest if latest else None)),
-                             has_faults=src.has_faults).with_digest()
-                self._write_manifest(staging, m)
-                _crash_point("before_rename")
-                self._recover(t)
-                final = self.path_of(name, version)
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.rename(staging, final)
-                os.chmod(final, 0o555)
-                _fsync_dir(final.parent)
-                _crash_point("after_rename")
-                t.insert_bundle(BundleRecord(name, version, m.digest, content_key, m.created_at, actor,
-                                             m.to_json()))
-                t.record("publish", actor, m.ref, latest.ref if latest else None, m.ref, reason)
-            final = None  # committed: the directory now belongs to the store
-            _crash_point("after_commit")
-            return Published(m, True)
-        finally:
-            for leftover in (staging, final):
-                if leftover is not None and leftover.exists():
-                    _force_rmtree(leftover)
-
-    def _put_blob(self, src, rel: str, entry: FileEntry) -> Path:
-        blob = self.root / "blobs" / "sha256" / entry.sha256
-        if blob.exists() and blob.stat().st_size == entry.size and _hash_cached(blob) == entry.sha256:
-            return blob
-        tmp = self.root / "tmp" / f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(6)}.blob"
-        h = hashlib.sha256()
-        try:
-            with src.reader(rel) as fin, open(tmp, "wb") as fout:
-                while chunk := fin.read(_CHUNK):
-                    h.update(chunk)
-                    fout.write(chunk)
-                fout.flush()
-                os.fsync(fout.fileno())
-            if h.hexdigest() != entry.sha256:
-                raise BundleError(f"{rel} changed while it was being published; publish again from a stable copy")
-            os.chmod(tmp, 0o444)
-            os.replace(tmp, blob)  # atomic: a blob is whole or absent
-            _fsync_dir(blob.parent)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return blob
-
-    @staticmethod
-    def _write_manifest(staging: Path, m: Manifest) -> None:
-        p = staging / "manifest.json"
-        with open(p, "w", encoding="utf-8") as f:
-            f.write(m.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(p, 0o444)
-        for d, _, _ in os.walk(staging, topdown=False):
-            if Path(d) != staging:  # the top stays writable until renamed (moving a dir rewrites its `..`)
-                _fsync_dir(Path(d))
-                os.chmod(d, 0o555)
-        _fsync_dir(staging)
-
-    # ---- crash debris ------------------------------------------------------------------
-    def recover(self) -> list[Path]:
-        """Remove debris of crashed publishes: unregistered bundle dirs and stale staging.
-        Returns what was removed. Safe to run at any time (takes the write lock)."""
-        with self.registry.transaction() as t:
-            return self._recover(t)
-
-    def _recover(self, t: Txn) -> list[Path]:
-        removed = []
-        known = {(b.name, b.version) for b in t.list_bundles()}
-        for name_dir in sorted((self.root / "bundles").iterdir()):
-            if not name_dir.is_dir():
-                continue
-            for vdir in sorted(name_dir.iterdir()):
-                if not (vdir.name.isdigit() and (name_dir.name, int(vdir.name)) in known):
-                    _force_rmtree(vdir) if vdir.is_dir() else vdir.unlink()
-                    removed.append(vdir)
-        host = socket.gethostname()
-        for entry in sorted((self.root / "tmp").iterdir()):
-            owner, _, rest = entry.name.rpartition("-")[0].rpartition("-")
-            if owner == host and rest.isdigit() and not _pid_alive(int(rest)):
-                _force_rmtree(entry) if entry.is_dir() else entry.unlink()
-                removed.append(entry)
-        return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _git_head(path: Path) -> str | None:
-    """The commit of the code beside the weights, when they live in a git checkout."""
-    try:
-        out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    head = out.stdout.strip()
-    return head if out.returncode == 0 and len(head) in (40, 64) else None
-
-
