@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from slotserve.bundles import hub
 from slotserve.bundles.manifest import BundleError, Manifest, diff
 
 EXIT_FAILURE = 1
@@ -73,10 +74,14 @@ def _summary(store, m: Manifest) -> dict[str, Any]:
 # ---- bundle publish ---------------------------------------------------------------------
 def cmd_publish(args: argparse.Namespace) -> int:
     store = _store(args, create=True)
+    src_dir, source = args.dir, args.source
+    if hub.is_hub(src_dir):   # fetch what serving needs; provenance pinned to the resolved commit
+        snap = hub.fetch(src_dir)
+        src_dir, source = snap.path, source or snap.source
     res = store.publish_detailed(
-        args.dir, args.name, actor=args.actor, prompt_template=args.prompt_template,
+        src_dir, args.name, actor=args.actor, prompt_template=args.prompt_template,
         retrieval_index=args.retrieval_index, serving=args.serving, eval_file=args.eval, reason=args.reason,
-        system_prompt=args.system_prompt, version=args.version, source=args.source,
+        system_prompt=args.system_prompt, version=args.version, source=source,
         code_commit=args.code_commit, data_version=args.data_version, parent=args.parent)
     m = res.manifest
     verb = "published" if res.created else "unchanged (identical content already published as)"
@@ -212,7 +217,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bsub = bundle.add_subparsers(dest="bundle_command", metavar="ACTION", required=True)
 
     p = bsub.add_parser("publish", parents=[common], help="publish a model directory as the next version")
-    p.add_argument("dir", help="Hugging Face model dir (config.json, *.safetensors, tokenizer files)")
+    p.add_argument("dir", help="Hugging Face model dir (config.json, *.safetensors, tokenizer files), "
+                               "or hub:ORG/REPO[@REVISION] to fetch one from the hub")
     p.add_argument("--name", required=True, help="bundle name: lowercase letters, digits, '.', '_', '-'")
     p.add_argument("--prompt-template", metavar="F", help="jinja prompt template -> prompt/template.jinja")
     p.add_argument("--system-prompt", metavar="F", help="system prompt text file -> prompt/system.txt")

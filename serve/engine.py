@@ -110,7 +110,9 @@ class Engine(StepLoop, Parking):
                         kv_cache_tokens=None, tensor_pool: TensorPool | None = None, block_size: int = 16,
                         max_prefill_tokens: int | None = None, enforce_eager: bool = False,
                         model_impl: str = "auto") -> "Engine":
-        """Load an HF model directory or a bundle directory (model/ + serving.json + manifest.json).
+        """Load an HF model directory, a bundle directory (model/ + serving.json + manifest.json),
+        or a hub checkpoint `hub:ORG/REPO[@REVISION]` (safetensors and configs only; see
+        `slotserve.bundles.hub`).
 
         Explicit arguments override serving.json, which overrides the defaults. dtype None or
         "auto": the config's dtype on CUDA (bf16 if it names none), float32 on CPU.

@@ -1,4 +1,4 @@
-"""Loading: an HF model directory or a bundle directory -> an `Engine`.
+"""Loading: an HF model directory, a bundle directory or a hub checkpoint -> an `Engine`.
 
 `load_engine` is what `Engine.from_pretrained` runs: it resolves the bundle (model/,
 serving.json, manifest.json), the dtype, EOS ids and lengths, then builds the lean model
@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from slotserve import kv_cache  # KVCache through its module, so tests can inject an OOM
+from slotserve.bundles import hub
 from slotserve.kv_cache import KVLayout, blocks_for, num_blocks_for_budget
 from slotserve.parking import _empty_cache
 from slotserve.weights import TensorPool, load_weights, safetensors_files
@@ -33,6 +34,8 @@ def load_engine(cls, path, device="cpu", dtype=None, *, max_model_len=None, max_
                 model_impl: str = "auto"):
     """`cls.from_pretrained(...)` (see `Engine.from_pretrained`) -> a `cls` instance."""
 
+    if hub.is_hub(path):   # hub:ORG/REPO[@REV] -> the fetched snapshot (safetensors and configs only)
+        path = hub.fetch(path).path
     path = Path(path)
     model_dir, serving, file_sha = _resolve(path)
     safetensors_files(model_dir)  # refuse pickle-only checkpoints up front, naming what is there
@@ -141,7 +144,8 @@ def load_engine(cls, path, device="cpu", dtype=None, *, max_model_len=None, max_
 def _resolve(path: Path) -> tuple[Path, dict, dict[str, str] | None]:
     """-> (HF model dir, serving.json dict, {weight file name: sha256} from the manifest or None)."""
     if not path.is_dir():
-        raise ValueError(f"{path} is not a directory (expected an HF model dir or a bundle dir)")
+        raise ValueError(f"{path} is not a directory (expected an HF model dir, a bundle dir, "
+                         f"or hub:ORG/REPO[@REVISION] for a hub checkpoint)")
     if not (path / "manifest.json").exists():
         if not (path / "config.json").exists():
             raise ValueError(f"{path} has neither config.json (HF model dir) nor manifest.json (bundle)")
