@@ -166,7 +166,17 @@ class SlotController:
                         loaded: bool = True) -> dict:
         t0 = time.perf_counter()
         deadline = t0 + wait_s
+        cand = self.core.state.candidate
+        watch = cand.digest if load_ref and cand is not None else None
         while True:
+            cand = self.core.state.candidate
+            if watch and (cand is None or cand.digest != watch):
+                # A later change (a rollback, a release) dropped what this load staged: saying
+                # "converged" would report a bundle staged that no replica holds.
+                st = self.core.state
+                raise ControlError(409, f"loading {load_ref} was superseded by desired state v{st.version} "
+                                        f"({st.reason or 'a later change'}), which no longer stages it; nothing is "
+                                        f"staged: load it again if you still want it", "superseded")
             done, errors = self.core.convergence(version, loaded)
             if errors and load_ref:
                 self.core.unload_failed(load_ref, errors)

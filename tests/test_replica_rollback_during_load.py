@@ -119,8 +119,8 @@ def test_replica_rollback_to_parked_previous_during_a_load(store, slow_reads):
             # The aborted load is not a failure of demo:3: nothing reports it as one. The
             # replica then holds what the desired state says (the controller releases a
             # staged candidate on rollback; were it kept, the replica would load it again).
-            done = await loading
-            assert "error" not in done and done["converged"], done
+            done = await loading           # the load's caller learns it was superseded, not "converged"
+            assert done["error"]["status"] == 409 and done["error"]["code"] == "superseded", done
             want = ctl.core.state
             st = mgr.state()
             assert {n: i.ref for n, i in st.slots.items()} == {

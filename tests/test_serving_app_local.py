@@ -235,12 +235,14 @@ def test_rollback_does_not_wait_for_a_running_load(env, tmp_path):
             r = await c.post("/v1/chat/completions", json={
                 "model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
             assert r.json()["model"] == "demo:1"
-            done = await loading
-            assert done.status_code == 200 and done.json()["converged"], done.text
+            done = await loading   # the rollback released what this load staged: it says so
+            assert done.status_code == 409 and done.json()["error"]["code"] == "superseded", done.text
+            assert "nothing is staged" in done.json()["error"]["message"]
+            assert "rollback to demo:1: during a load" in done.json()["error"]["message"]
             st = (await c.get("/admin/state", headers=AUTH)).json()
             assert st["desired"]["live"]["ref"] == "demo:1"
             assert st["desired"]["candidate"] is None  # the rollback released it
-            for _ in range(200):
+            for _ in range(800):       # the replica finishes the (unabortable, slowed) load, then drops it
                 if rep.applied == ctl.core.state.version and "candidate" not in rep.backend.digests():
                     break
                 await asyncio.sleep(0.01)
