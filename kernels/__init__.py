@@ -58,8 +58,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
     return _pick(q, _decode_attention, "paged_decode_attention")(q, k_cache, v_cache, block_tables, seq_lens, scale)
 
 
-def sample(logits, temperature, top_k, top_p, seeds, offsets=None):
-    return _pick(logits, _sampling, "sample")(logits, temperature, top_k, top_p, seeds, offsets)
+def sample(logits, temperature, top_k, top_p, seeds, offsets=None, *, filtered=True):
+    return _pick(logits, _sampling, "sample")(logits, temperature, top_k, top_p, seeds, offsets, filtered=filtered)
 
 
 for _op, _ref in ((rms_norm, rms_norm_ref), (apply_rope, apply_rope_ref), (silu_and_mul, silu_and_mul_ref),

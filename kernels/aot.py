@@ -107,9 +107,10 @@ def _cases(torch, K, M):
     for b in (1, 64):
         v = 128256
         # top-k and top-p on, so the launcher issues its whole launch sequence (CPU skips idle ones)
-        add(f"sample B={b} V={v}", M["sampling"].sample_triton, torch.zeros(b, v), torch.full((b,), 0.7),
-            torch.full((b,), 50, dtype=torch.int32), torch.full((b,), 0.9), torch.arange(b),
-            torch.zeros(b, dtype=torch.int64))
+        args = (torch.zeros(b, v), torch.full((b,), 0.7), torch.full((b,), 50, dtype=torch.int32),
+                torch.full((b,), 0.9), torch.arange(b), torch.zeros(b, dtype=torch.int64))
+        add(f"sample B={b} V={v}", M["sampling"].sample_triton, *args)
+        add(f"sample B={b} V={v} filtered=False", M["sampling"].sample_triton, *args, filtered=False)
     return out
 
 

@@ -85,9 +85,7 @@ def test_allowed_sets_are_exact():
         assert torch.equal(allowed[i], keep), CONFIGS[i]
     seeds = torch.arange(len(CONFIGS), device=DEVICE)
     _, thresh = sampling.sample_triton(logits, t, k, p, seeds, chunk=16, return_threshold=True)
-    bits = (logits.float() / t[:, None]).view(torch.int32)
-    key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
-    assert torch.equal((key >= thresh[:, None]).cpu(), allowed)        # the very same sets
+    assert torch.equal((_key(logits.float() / t[:, None]) >= thresh[:, None]).cpu(), allowed)   # the very same sets
 
 
 @pytest.mark.parametrize("side,draws", [("triton", 12), ("ref", 200)])
@@ -164,3 +162,91 @@ def test_no_host_sync_on_gpu():
         sampling.sample_triton(logits, *args)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def _key(x):
+    # the order-preserving int32 key of fp32 x that the Triton thresholds live on (-0.0 keyed as +0.0)
+    bits = x.float().view(torch.int32)
+    bits = torch.where(bits == -2**31, 0, bits)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
+
+
+def test_mixed_batch_over_chunks_exact_sets_and_chunking_independent_draws():
+    # Greedy, plain, top-k only, top-p only and both in one batch, each row over 5 chunks,
+    # with ties straddling chunks (rounded logits, repeated values) at the top-k boundary.
+    g = torch.Generator().manual_seed(5)
+    v = 300
+    logits = torch.randn(8, v, generator=g) * 2
+    logits[2] = torch.round(logits[2])                             # heavy ties
+    logits[5, ::7] = float("-inf")
+    logits = logits.to(DEVICE)
+    t = torch.tensor([0.0, 0.8, 1.0, 0.6, 1.2, 1.0, 0.7, 1.5], device=DEVICE)
+    k = torch.tensor([5, 0, 20, 0, 7, 299, 50, 3], dtype=torch.int32, device=DEVICE)
+    p = torch.tensor([0.5, 1.0, 1.0, 0.7, 1.0, 0.9, 0.95, 0.4], device=DEVICE)
+    seeds = torch.arange(8, device=DEVICE) * 31
+    got, thresh = sampling.sample_triton(logits, t, k, p, seeds, chunk=64, return_threshold=True)
+    allowed = sampling.allowed_mask_ref(logits, t, k, p)
+    x = logits.float() / torch.where(t > 0, t, 1.0)[:, None]
+    sampled = (t > 0).cpu()
+    assert torch.equal(((_key(x) >= thresh[:, None]).cpu())[sampled], allowed.cpu()[sampled])
+    assert got[0] == logits[0].argmax()
+    assert allowed.gather(1, got[:, None])[1:].all()
+    # Gumbel-max over the allowed set does not depend on how a row is split into chunks
+    assert torch.equal(sampling.sample_triton(logits, t, k, p, seeds, chunk=1024), got)
+
+
+def test_signed_zeros_tie_at_the_threshold():
+    # x = -0.0 and +0.0 compare equal, so both belong to a top-k set that ends at 0
+    v = 64
+    logits = torch.full((1, v), -3.0)
+    logits[0, :4] = 2.0
+    logits[0, 4:12] = -0.0
+    logits[0, 12:20] = 0.0
+    n = 48
+    logits = logits.repeat(n, 1).to(DEVICE)
+    t, k, p, s, o = _params(n, temperature=1.0, top_k=8, seed0=3)
+    allowed = sampling.allowed_mask_ref(logits, t, k, p)
+    assert int(allowed[0].sum()) == 20
+    got, thresh = sampling.sample_triton(logits, t, k, p, s, o, return_threshold=True)
+    assert torch.equal((_key(logits) >= thresh[:, None]).cpu(), allowed.cpu())
+    assert allowed.gather(1, got[:, None]).all()
+    assert ((got >= 4) & (got < 12)).any()                          # some -0.0 token is drawn
+
+
+def test_unfiltered_hint_two_launches_same_tokens(monkeypatch):
+    # filtered=False (no row uses top-k/top-p): the first pass draws every sampled row and
+    # the pick follows; the tokens are those of the full launch sequence.
+    g = torch.Generator().manual_seed(9)
+    logits = (torch.randn(6, 700, generator=g) * 2).to(DEVICE)
+    t = torch.tensor([0.0, 0.7, 1.0, 1.3, 0.0, 0.9], device=DEVICE)
+    k, p = torch.zeros(6, dtype=torch.int32, device=DEVICE), torch.ones(6, device=DEVICE)
+    seeds, offs = torch.arange(6, device=DEVICE) + 40, torch.full((6,), 2, device=DEVICE)
+    full = sampling.sample_triton(logits, t, k, p, seeds, offs, chunk=128)
+    launched = []
+    for name in ("_first_kernel", "_topk_kernel", "_topp_kernel", "_draw_kernel", "_pick_kernel"):
+        kern = getattr(sampling, name)
+
+        class Spy:
+            def __getitem__(self, grid, kern=kern, name=name):
+                launched.append(name)
+                return kern[grid]
+        monkeypatch.setattr(sampling, name, Spy())
+    hinted, thresh = sampling.sample_triton(logits, t, k, p, seeds, offs, chunk=128, return_threshold=True,
+                                            filtered=False)
+    assert launched == ["_first_kernel", "_pick_kernel"]
+    assert torch.equal(hinted, full) and (thresh == -2**31).all()
+    # a broken promise: still 2 launches; top-k/top-p are ignored, never garbage
+    launched.clear()
+    k2 = torch.full((6,), 3, dtype=torch.int32, device=DEVICE)
+    assert torch.equal(sampling.sample_triton(logits, t, k2, p * 0.5, seeds, offs, chunk=128, filtered=False), full)
+    assert launched == ["_first_kernel", "_pick_kernel"]
+
+
+def test_dispatcher_passes_the_unfiltered_hint(monkeypatch):
+    from slotserve import kernels as K
+
+    logits = torch.randn(4, 64, device=DEVICE)
+    args = _params(4, temperature=0.8)
+    for side in ("triton", "torch"):
+        monkeypatch.setenv("SLOTSERVE_KERNELS", side)
+        assert torch.equal(K.sample(logits, *args, filtered=False), K.sample(logits, *args))
