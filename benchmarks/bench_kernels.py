@@ -12,6 +12,7 @@ at those shapes (correctness on real hardware). Without CUDA it says so and exit
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.util
 import json
@@ -70,14 +71,16 @@ def cases(K, dev, dtype=torch.bfloat16, tiny: bool = False):
                         1e-5, torch.randn(t, h, device=dev, dtype=dtype))
             out.append(("rms_norm+res", f"T={t} H={h}", build, (4 * t * h + h) * es,
                         M["rms_norm"].rms_norm_triton, K.rms_norm_ref))
-    hq, hk, d = 32, 8, 128
-    cache = K.build_cos_sin_cache(8192, d, base=500000.0, device=dev)
-    for t in sizes(1, 64, 4096):
-        def build(t=t):
-            return (torch.randn(t, hq, d, device=dev, dtype=dtype), torch.randn(t, hk, d, device=dev, dtype=dtype),
-                    torch.randint(0, 8192, (t,), device=dev), cache)
-        out.append(("rope", f"T={t} Hq={hq} Hk={hk} D={d}", build, 2 * t * (hq + hk) * d * es + t * d * 4,
-                    M["rope"].apply_rope_triton, K.apply_rope_ref))
+    hq, hk = 32, 8
+    for d in (128, 64):                                  # Llama-3-8B, Llama-3.2-1B heads
+        cache = K.build_cos_sin_cache(8192, d, base=500000.0, device=dev)
+        for t in sizes(1, 64, 4096):
+            def build(t=t, d=d, cache=cache):
+                return (torch.randn(t, hq, d, device=dev, dtype=dtype),
+                        torch.randn(t, hk, d, device=dev, dtype=dtype), torch.randint(0, 8192, (t,), device=dev), cache)
+            out.append(("rope", f"T={t} Hq={hq} Hk={hk} D={d}", build, 2 * t * (hq + hk) * d * es + t * d * 4,
+                        M["rope"].apply_rope_triton, K.apply_rope_ref))
+    d = 128
     for inter in sizes(8192, 14336):
         for t in sizes(1, 64, 4096):
             def build(t=t, inter=inter):
@@ -114,6 +117,9 @@ def cases(K, dev, dtype=torch.bfloat16, tiny: bool = False):
                         torch.arange(b, device=dev), torch.zeros(b, device=dev, dtype=torch.int64))
             out.append(("sample", f"B={b} V={vocab} {label}", build, b * vocab * 4,
                         M["sampling"].sample_triton, K.sample_ref))
+        # the engine's hint when no request uses top-k/top-p: 2 launches instead of 13
+        out.append(("sample", f"B={b} V={vocab} T=0.7 filtered=False", out[-2][2], b * vocab * 4,
+                    functools.partial(M["sampling"].sample_triton, filtered=False), K.sample_ref))
     return out
 
 
@@ -149,9 +155,21 @@ def check(K, dev) -> list[dict]:
                 ok = err <= ulp2 * (2 if op == "decode_attention" else 1)
             results.append({"op": op, "shape": shape, "dtype": str(dtype), "ok": ok, "max_abs_err": err})
             print(f"check {'PASS' if ok else 'FAIL'} {op:17s} {shape:38s} {dtype} max rel err={err:.3g}", flush=True)
-    # sampling: greedy == argmax; top-k/top-p inside the exact set; chi-square; no host sync
+    attn_case = [c for c in cases(K, dev) if c[0] == "decode_attention"][2]
+    attn_args = attn_case[2]()
+    attn_case[4](*attn_args)                                # compiled outside the no-sync check
+    for name, ok, detail in check_sampling(sampling, dev, also_sync=lambda: attn_case[4](*attn_args)):
+        results.append({"op": "sample", "shape": name, "ok": bool(ok), "detail": detail})
+        print(f"check {'PASS' if ok else 'FAIL'} sample            {name} {detail}", flush=True)
+    return results
+
+
+def check_sampling(sampling, dev, b: int = 64, v: int = 128256, n: int = 20000, also_sync=None) -> list[tuple]:
+    """Sampling by its properties -> [(name, ok, detail)]: greedy == argmax; draws inside the
+    exact set; top-k sets identical to the reference's; chunking changes no token; top-k/top-p
+    sets identical up to fp32 mass sums at a top-p boundary; chi-square; no host sync (CUDA;
+    `also_sync` runs under the same check). Sizes shrink for a CPU smoke run (interpreter)."""
     torch.manual_seed(0)
-    b, v = 64, 128256
     logits = torch.randn(b, v, device=dev) * 3
     seeds = torch.arange(b, device=dev)
     zeros = torch.zeros(b, device=dev, dtype=torch.int64)
@@ -166,14 +184,36 @@ def check(K, dev) -> list[dict]:
     for step in range(8):
         got = sampling.sample_triton(row, t, k, p, seeds, zeros + step)
         ok_set &= bool(allowed.gather(1, got[:, None]).all())
-    # the Triton thresholds give the reference's very sets (64 different rows, k=50 / p=0.9)
+
+    def key(x):                      # the ordered int32 key the thresholds live on (-0.0 keyed as +0.0)
+        bits = x.view(torch.int32)
+        bits = torch.where(bits == -2**31, 0, bits)
+        return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
+
+    # top-k alone: the Triton set is the reference's on every row, exactly (integer counts),
+    # also with ties straddling the k-th value (rounded logits) and +-0.0 at the boundary
+    tk = torch.randint(1, 200, (b,), device=dev, dtype=torch.int32)
+    tied = logits.clone()
+    tied[16:32] = torch.round(tied[16:32] * 2) / 2
+    tied[32:48] = -tied[32:48].abs() - 1
+    tied[32:48, :20] = 1.0
+    tied[32:48, 20:100] = -0.0
+    tied[32:48, 100:180] = 0.0
+    tk[32:48] = torch.randint(21, 180, (16,), device=dev, dtype=torch.int32)
+    ones = torch.ones(b, device=dev)
+    _, thresh = sampling.sample_triton(tied, t, tk, ones, seeds, zeros, return_threshold=True)
+    topk_rows = int(((key(tied / t[:, None]) >= thresh[:, None]) == sampling.allowed_mask_ref(tied, t, tk, ones))
+                    .all(-1).sum())
+    ok_topk = topk_rows == b
+    # how a row is split into chunks changes no token (top-k only, so no fp32 mass sums)
+    a = sampling.sample_triton(tied, t, tk, ones, seeds, zeros)
+    ok_chunks = torch.equal(a, sampling.sample_triton(tied, t, tk, ones, seeds, zeros, chunk=32768))
+    # top-k and top-p: the Triton thresholds give the reference's very sets (64 different rows)
     tk = torch.randint(0, 200, (b,), device=dev, dtype=torch.int32)
     tp = torch.rand(b, device=dev) * 0.5 + 0.5
     _, thresh = sampling.sample_triton(logits, t, tk, tp, seeds, zeros, return_threshold=True)
-    bits = (logits / t[:, None]).view(torch.int32)
-    key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
     ref_sets = sampling.allowed_mask_ref(logits, t, tk, tp)
-    differ = (key >= thresh[:, None]) != ref_sets
+    differ = (key(logits / t[:, None]) >= thresh[:, None]) != ref_sets
     same_rows = int((~differ).all(-1).sum())
     # A differing token must sit on a top-p boundary blurred by fp32 summation order: the
     # mass of the tokens above it (float64) within 1e-4 of top_p. Anything else is a bug.
@@ -185,33 +225,39 @@ def check(K, dev) -> list[dict]:
     worst = max([abs(a - float(tp[r])) for a, r in zip(above, rows.tolist())], default=0.0)
     ok_set &= worst < 1e-4
     small = torch.tensor([1.0, 0.5, 0.0, -1.0, 2.0, 0.3, -0.5, 1.5], device=dev)
-    n = 20000
     draws = sampling.sample_triton(small.repeat(n, 1), torch.full((n,), 0.8, device=dev),
                                    torch.zeros(n, device=dev, dtype=torch.int32), torch.ones(n, device=dev),
                                    torch.arange(n, device=dev), torch.zeros(n, device=dev, dtype=torch.int64))
     expected = torch.softmax(small / 0.8, 0).double() * n
     chi2 = float((((torch.bincount(draws, minlength=8).double() - expected) ** 2) / expected).sum())
-    attn_case = [c for c in cases(K, dev) if c[0] == "decode_attention"][2]
-    attn_args = attn_case[2]()
-    attn_case[4](*attn_args)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:                                                    # compiled already: launches only
-        sampling.sample_triton(row, t, k, p, seeds, zeros)
-        attn_case[4](*attn_args)
-        ok_sync = True
-    except RuntimeError:
-        ok_sync = False
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    for name, ok, detail in (("greedy==argmax", ok_greedy, ""),
-                             ("top-k/top-p set exact", ok_set, f"rows with the reference's set: {same_rows}/{b}; "
-                              f"differing tokens' |mass above - top_p| <= {worst:.2g}"),
-                             ("chi2(df=7) < 24.32", chi2 < 24.32, f"chi2={chi2:.2f}"),
-                             ("no host sync", ok_sync, "")):
-        results.append({"op": "sample", "shape": name, "ok": bool(ok), "detail": detail})
-        print(f"check {'PASS' if ok else 'FAIL'} sample            {name} {detail}", flush=True)
-    return results
+    plain = (torch.zeros_like(k), torch.ones_like(p))
+    # the engine's "no top-k/top-p" hint (2 launches) draws the very tokens of the full sequence
+    ok_hint = torch.equal(sampling.sample_triton(logits, t, *plain, seeds, zeros, filtered=False),
+                          sampling.sample_triton(logits, t, *plain, seeds, zeros))
+    ok_sync = True
+    if dev.type == "cuda":
+        sampling.sample_triton(row, t, *plain, seeds, zeros)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:                                                # compiled already: launches only
+            sampling.sample_triton(row, t, k, p, seeds, zeros)
+            sampling.sample_triton(row, t, *plain, seeds, zeros)
+            sampling.sample_triton(row, t, *plain, seeds, zeros, filtered=False)
+            if also_sync is not None:
+                also_sync()
+        except RuntimeError:
+            ok_sync = False
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [("greedy==argmax", ok_greedy, ""),
+            ("top-k set exact", ok_topk, f"rows with the reference's set: {topk_rows}/{b} "
+             f"(ties, +-0.0 at the boundary included)"),
+            ("chunking changes no token", ok_chunks, ""),
+            ("filtered=False hint: same tokens", ok_hint, ""),
+            ("top-k/top-p set exact", ok_set, f"rows with the reference's set: {same_rows}/{b}; "
+             f"differing tokens' |mass above - top_p| <= {worst:.2g}"),
+            ("chi2(df=7) < 24.32", chi2 < 24.32, f"chi2={chi2:.2f}"),
+            ("no host sync", ok_sync, "" if dev.type == "cuda" else "not checked off CUDA")]
 
 
 # ----------------------------------------------------------------------------- bench
