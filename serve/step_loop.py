@@ -107,7 +107,10 @@ class StepLoop:
         if all(p.temperature == 0 for p in params):
             tok = logits.argmax(-1)  # what `sample` does for temperature 0, without its sorts
         else:
-            dev = logits.device
+            dev, vocab = logits.device, logits.shape[-1]
+            # Only sampled rows with top-k/top-p need the threshold search (11 of the Triton
+            # sampler's 13 launches); telling it none does is a promise, so it must be exact.
+            filtered = any(p.temperature > 0 and (0 < p.top_k < vocab or p.top_p < 1.0) for p in params)
             tok = K.sample(
                 logits,
                 torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev),
@@ -117,6 +120,7 @@ class StepLoop:
                 torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
                 torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev),
                 torch.tensor([s.num_output for s in seqs], dtype=torch.int64, device=dev),
+                filtered=filtered,
             )
         both = torch.stack([tok.long(), torch.isfinite(logits).all(-1).long()]).tolist()  # one host sync
         return both[0], [bool(x) for x in both[1]]
