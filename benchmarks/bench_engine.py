@@ -28,7 +28,13 @@ import tempfile
 import threading
 import time
 
-import torch
+from slotserve import openmp
+
+# The serving processes' OpenMP settings (slotserve.openmp), set before torch loads; they
+# apply to both sides alike, since both run in this process.
+openmp.configure()
+
+import torch  # noqa: E402  (after the OpenMP settings)
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from slotserve.engine import Engine, SamplingParams
@@ -224,6 +230,7 @@ def main() -> int:
 
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
               "torch": torch.__version__, "threads": torch.get_num_threads(), "model_size": size,
+              "openmp": {k: os.environ.get(k) for k in openmp.DEFAULTS},
               "dtype": str(dtype).removeprefix("torch."), "config": SIZES[size],
               "load_avg_at_start": os.getloadavg()}   # CPU runs: other work on the machine skews timings
     with tempfile.TemporaryDirectory() as tmp:

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from slotserve import openmp
+    openmp.configure()   # before any command imports torch (and before Ray workers inherit the env)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

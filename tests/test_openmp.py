@@ -1,0 +1,33 @@
+"""CPU serving processes get OpenMP settings before torch loads (slotserve.openmp)."""
+
+import os
+import subprocess
+import sys
+
+from slotserve import openmp
+
+PROBE = "import os, sys, slotserve.app; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in openmp.DEFAULTS}
+    return {**env, **extra}
+
+
+def test_replica_module_sets_the_defaults_before_torch():
+    out = subprocess.run([sys.executable, "-c", PROBE], env=_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [openmp.DEFAULTS["OMP_WAIT_POLICY"], openmp.DEFAULTS["GOMP_SPINCOUNT"]]
+
+
+def test_the_operators_values_win():
+    out = subprocess.run([sys.executable, "-c", PROBE], env=_env(OMP_WAIT_POLICY="PASSIVE"),
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["PASSIVE", openmp.DEFAULTS["GOMP_SPINCOUNT"]], out.stderr
+
+
+def test_too_late_once_torch_is_loaded():
+    import torch  # noqa: F401  (this process has torch: settings would no longer reach libgomp)
+
+    env = {}
+    assert openmp.configure(env) == {} and env == {}
