@@ -56,15 +56,14 @@ def decode_attention_cpu(q, k_cache, v_cache, plan, scale) -> torch.Tensor:
     """
     nb, bs, hk, d = k_cache.shape
     hq = q.shape[1]
-    k_tok, v_tok = k_cache.view(nb * bs, hk, d), v_cache.view(nb * bs, hk, d)
-    k_blk, v_blk = k_cache.view(nb, -1), v_cache.view(nb, -1)
+    k_tok, v_tok = k_cache.view(nb * bs, hk, d), v_cache.view(nb * bs, hk, d)   # a view in either layout
     out = torch.empty_like(q)
     for i, (kind, where, n) in enumerate(plan):
         if kind == "view":
             k, v = k_tok[where:where + n], v_tok[where:where + n]
         else:
-            k = k_blk.index_select(0, where).view(-1, hk, d)[:n]
-            v = v_blk.index_select(0, where).view(-1, hk, d)[:n]
+            k = k_cache.index_select(0, where).flatten(0, 1)[:n]
+            v = v_cache.index_select(0, where).flatten(0, 1)[:n]
         o = F.scaled_dot_product_attention(q[i, None, :, None, :], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                            scale=scale, enable_gqa=hq != hk)       # [1, Hq, 1, D]
         out[i] = o[0, :, 0]

@@ -3,7 +3,8 @@
 Layout (per layer) is what the kernels contract fixes: `k_cache[num_blocks, block_size,
 num_kv_heads, head_dim]`, same for `v_cache`. A token at position p of a sequence lives in
 block `block_table[p // block_size]` at offset `p % block_size`; its flat *slot* is
-`block * block_size + offset` (what `store_kv` takes).
+`block * block_size + offset` (what `store_kv` takes). On the CPU's torch path the same
+shape is a view of head-major storage (`KVLayout.head_major`, see `KVCache`).
 
 The allocator is pure bookkeeping (no tensors), so the scheduler and the transformers
 fallback (which keeps its own cache but still budgets tokens) share it.
@@ -108,6 +109,7 @@ class KVLayout:
     num_kv_heads: int
     head_dim: int
     dtype: torch.dtype
+    head_major: bool = False    # storage [Hk, NB*BS, D] per layer (CPU torch path); see KVCache
 
     @property
     def bytes_per_token(self) -> int:
@@ -124,13 +126,21 @@ class KVCache:
 
     def __init__(self, layout: KVLayout, device: torch.device | str):
         self.layout = layout
-        shape = (layout.num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
+        nl, nb, bs, hk, d = layout.num_layers, layout.num_blocks, layout.block_size, layout.num_kv_heads, \
+            layout.head_dim
         # One allocation per side keeps the pool contiguous and makes `nbytes` exact.
-        self._k = torch.zeros((layout.num_layers, *shape), dtype=layout.dtype, device=device)
-        self._v = torch.zeros((layout.num_layers, *shape), dtype=layout.dtype, device=device)
-        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = [
-            (self._k[i], self._v[i]) for i in range(layout.num_layers)
-        ]
+        shape = (nl, hk, nb, bs, d) if layout.head_major else (nl, nb, bs, hk, d)
+        self._k = torch.zeros(shape, dtype=layout.dtype, device=device)
+        self._v = torch.zeros(shape, dtype=layout.dtype, device=device)
+        if layout.head_major:
+            # Still [NB, BS, Hk, D] to every reader (a permuted view; `.view(NB * BS, Hk, D)`
+            # works too), but a sequence's consecutive blocks are, per head, one contiguous
+            # run of D-element rows: the CPU decode attention reads them ~20% faster than
+            # token-major rows Hk*D apart. The Triton kernels want token-major (CUDA).
+            per_layer = [(k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)) for k, v in zip(self._k, self._v)]
+        else:
+            per_layer = list(zip(self._k, self._v))
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = per_layer
 
     @property
     def nbytes(self) -> int:

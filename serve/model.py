@@ -251,10 +251,9 @@ class LeanModel:
                 o = F.scaled_dot_product_attention(qi[None], ki[None], vi[None], is_causal=True, scale=self.scale,
                                                    enable_gqa=gqa)[0]   # 4-D: CPU flash kernel, not math
             else:            # later chunk: attend to the cached prefix + this chunk (already stored)
-                nb, bs = k_cache.shape[:2]
-                idx = table[: -(-end // bs)]
-                ki = k_cache.view(nb, -1).index_select(0, idx).view(-1, *k_cache.shape[2:])[:end].transpose(0, 1)
-                vi = v_cache.view(nb, -1).index_select(0, idx).view(-1, *v_cache.shape[2:])[:end].transpose(0, 1)
+                idx = table[: -(-end // k_cache.shape[1])]
+                ki = k_cache.index_select(0, idx).flatten(0, 1)[:end].transpose(0, 1)   # either KV layout
+                vi = v_cache.index_select(0, idx).flatten(0, 1)[:end].transpose(0, 1)
                 pos = torch.arange(start, end, device=q.device)[:, None]
                 mask = torch.arange(end, device=q.device)[None, :] <= pos  # [n, end]
                 o = F.scaled_dot_product_attention(qi[None], ki[None], vi[None], attn_mask=mask, scale=self.scale,

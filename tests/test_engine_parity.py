@@ -100,15 +100,22 @@ def test_logits_close_to_transformers(arch):
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-4 * scale)
 
 
-def test_cpu_decode_attention_matches_kernel_reference():
-    # The lean model's torch-side decode attention (gather + SDPA) against the kernels' ref:
+@pytest.mark.parametrize("head_major", [False, True])
+def test_cpu_decode_attention_matches_kernel_reference(head_major):
+    # The lean model's torch-side decode attention (gather + SDPA) against the kernels' ref,
+    # on both KV layouts (token-major as on CUDA, head-major as the CPU path allocates):
     # both fp32, different summation order -> ~1e-7; 1e-5 leaves room for other CPUs.
-    from slotserve.kernels import paged_decode_attention_ref
     from slotserve.cpu_ops import paged_decode_attention_sdpa
+    from slotserve.kernels import paged_decode_attention_ref, store_kv_ref
+    from slotserve.kv_cache import KVCache, KVLayout
 
     g = torch.Generator().manual_seed(0)
     for b, hq, hk, d, bs in [(5, 8, 2, 64, 16), (1, 4, 4, 32, 16), (3, 6, 3, 16, 8)]:
-        kc, vc = torch.randn(64, bs, hk, d, generator=g), torch.randn(64, bs, hk, d, generator=g)
+        kc, vc = KVCache(KVLayout(1, 64, bs, hk, d, torch.float32, head_major=head_major), "cpu").layers[0]
+        assert kc.shape == (64, bs, hk, d) and kc.is_contiguous() != head_major
+        # written through store_kv's reference, as the engine writes it
+        store_kv_ref(torch.randn(64 * bs, hk, d, generator=g), torch.randn(64 * bs, hk, d, generator=g), kc, vc,
+                     torch.randperm(64 * bs, generator=g))
         tables = torch.randint(0, 64, (b, 7), dtype=torch.int32, generator=g)
         lens = torch.randint(1, 7 * bs + 1, (b,), dtype=torch.int32, generator=g)
         q = torch.randn(b, hq, d, generator=g)
