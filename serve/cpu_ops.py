@@ -4,7 +4,8 @@ On CUDA the Triton kernels and cuBLAS do this work; on the CPU two things cost m
 the arithmetic, and both were measured on the 2-core development VM (AVX-512, MKL):
 - one padded, masked SDPA over a gathered batch copies every sequence's K/V and pads to
   the longest; one SDPA per sequence on a view of its own (consecutive) blocks copies
-  nothing (`decode_attention_cpu`, ~5x less work);
+  nothing (`decode_attention_cpu`, ~5x less work), and with the CPU pool's head-major
+  storage (`KVLayout.head_major`) each head's rows of that view are contiguous;
 - MKL's `x @ w.T` for a skinny x (2..64 rows: decode batches) runs 1.3-2.5x slower than
   `w @ x.T` on the same data; from 128 rows up (prefill) it is the other way round
   (`linear`; `benchmarks/results/engine-cpu.md`).
