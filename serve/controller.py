@@ -55,6 +55,9 @@ class SlotController:
         from slotserve.metrics import Metrics
         self.core.on_rollback = Metrics("controller").rollback
         self._changed: asyncio.Event | None = None
+        # ref -> (state version that released it, the error): concurrent waiters on one
+        # failed load all answer load_failed, not "superseded" by the release it caused
+        self._load_failures: dict[str, tuple[int, ControlError]] = {}
         self._loop_task = None
         self._flush_lock: asyncio.Lock | None = None
 
@@ -169,21 +172,26 @@ class SlotController:
         cand = self.core.state.candidate
         watch = cand.digest if load_ref and cand is not None else None
         while True:
-            cand = self.core.state.candidate
-            if watch and (cand is None or cand.digest != watch):
+            st = self.core.state
+            if watch and (st.candidate is None or st.candidate.digest != watch) \
+                    and (st.live is None or st.live.digest != watch):        # promoted meanwhile: not lost
+                failed = self._load_failures.get(load_ref)
+                if failed and failed[0] == st.version:  # another waiter saw this load fail: same answer
+                    raise failed[1]
                 # A later change (a rollback, a release) dropped what this load staged: saying
                 # "converged" would report a bundle staged that no replica holds.
-                st = self.core.state
                 raise ControlError(409, f"loading {load_ref} was superseded by desired state v{st.version} "
                                         f"({st.reason or 'a later change'}), which no longer stages it; nothing is "
                                         f"staged: load it again if you still want it", "superseded")
             done, errors = self.core.convergence(version, loaded)
             if errors and load_ref:
-                self.core.unload_failed(load_ref, errors)
+                released = self.core.unload_failed(load_ref, errors)
                 self._notify()
-                raise ControlError(507 if any("fit" in e for e in errors) else 500,
-                                   f"loading {load_ref} failed on {len(errors)} replica(s): "
-                                   + "; ".join(errors), "load_failed")
+                failure = ControlError(507 if any("fit" in e for e in errors) else 500,
+                                       f"loading {load_ref} failed on {len(errors)} replica(s): "
+                                       + "; ".join(errors), "load_failed")
+                self._load_failures[load_ref] = (released.version, failure)
+                raise failure
             if done or errors or time.perf_counter() > deadline:
                 break
             await asyncio.sleep(0.005)
