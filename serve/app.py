@@ -12,10 +12,6 @@ reaches a client.
 
 from __future__ import annotations
 
-from slotserve import openmp
-
-openmp.configure()   # a Ray replica's process imports this before torch: CPU engines spin, not sleep
-
 import json
 import logging
 from typing import Any

@@ -11,7 +11,9 @@ So: spin (ACTIVE), but only ~1M iterations (a few ms) before sleeping, so an idl
 server's workers still go to sleep.
 
 libgomp reads these when it loads (with torch's C library), so `configure` must run
-before the first `import torch`; values already in the environment win.
+before the first `import torch`; values already in the environment win. The CLI calls it
+(`slotserve serve`'s local Ray inherits the environment) and so does `bench_engine.py`;
+importing slotserve as a library changes nothing.
 """
 
 from __future__ import annotations
