@@ -2,8 +2,8 @@
 
 `slotserve bundle publish hub:ORG/REPO@REV` and `Engine.from_pretrained("hub:ORG/REPO")`
 go through `fetch`: it downloads (or finds in the hub cache) only the files serving reads
-— configs, safetensors, tokenizer files, templates — so pickle weights never reach the
-disk, and it pins the revision to the commit it resolved, so a bundle's provenance names
+— configs, tokenizer files, and the safetensors the checkpoint's index names (else
+model.safetensors) — so pickle weights never reach the disk, and it pins the revision to the commit it resolved, so a bundle's provenance names
 exactly what was served even when the user said `@main`.
 
 The hub client's own settings apply: `HF_TOKEN` for gated models, `HF_HUB_CACHE` /
@@ -13,17 +13,21 @@ The hub client's own settings apply: `HF_TOKEN` for gated models, `HF_HUB_CACHE`
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from slotserve.bundles.manifest import BundleError, ModelSource
+from slotserve.bundles.source import MODEL_FILES, TOKENIZER_FILES, model_weight_files
 
 PREFIX = "hub:"
-# What serving reads. Everything else in a repo (pickle weights, ONNX/GGUF exports,
-# images, training state) is left on the hub.
-PATTERNS = ("*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.jinja", "*.txt")
+# What serving reads, by exact top-level name (a pattern like "*.safetensors" would also
+# match subfolders: original/, onnx/ ...); then the weights: the shards the index names, or
+# model.safetensors. Everything else (pickle weights, other layouts of the same weights
+# such as consolidated.safetensors, exports, training state) stays on the hub.
+FILES = tuple(dict.fromkeys((*MODEL_FILES, *TOKENIZER_FILES, "model.safetensors")))
 _REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -61,10 +65,18 @@ def fetch(spec: str, *, cache_dir: str | Path | None = None, offline: bool | Non
     if offline is None:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     cache_dir = cache_dir or os.environ.get("HF_HUB_CACHE") or None
+    def download(names) -> Path:
+        return Path(snapshot_download(repo, revision=rev, cache_dir=cache_dir, local_files_only=offline,
+                                      allow_patterns=list(names)))
+
     try:
-        path = Path(snapshot_download(repo, revision=rev, cache_dir=cache_dir, local_files_only=offline,
-                                      allow_patterns=list(PATTERNS)))
-    except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+        path = download(FILES)
+        index = path / "model.safetensors.index.json"
+        if index.is_file():   # a sharded checkpoint: exactly the shards the index names
+            shards = json.loads(index.read_text())["weight_map"].values()
+            path = download(sorted(set(shards)))
+    except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError, ValueError, KeyError,
+            TypeError, AttributeError) as e:
         where = "in the local hub cache (HF_HUB_OFFLINE is set)" if offline else "on the hub"
         raise BundleError(
             f"cannot fetch {PREFIX}{repo}{'@' + rev if rev else ''} {where}: {type(e).__name__}: {e}. "
@@ -73,4 +85,9 @@ def fetch(spec: str, *, cache_dir: str | Path | None = None, offline: bool | Non
             f"--source {PREFIX}{repo}@COMMIT") from e
     # The snapshot directory is named after the commit the revision resolved to.
     commit = path.name if re.fullmatch(r"[0-9a-f]{40}", path.name) else (rev or "unknown")
+    if not model_weight_files(path):
+        raise BundleError(f"{PREFIX}{repo}@{commit} has no safetensors weights (model.safetensors or the "
+                          f"shards of model.safetensors.index.json); pickle weights are never downloaded. "
+                          f"Convert them where you trust the code, e.g. model.save_pretrained(dir, "
+                          f"safe_serialization=True), and publish that directory")
     return Snapshot(path, repo, commit)

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
+from slotserve.bundles.source import model_weight_files
+
 # Bytes per element by safetensors dtype tag and by serving.json / torch dtype name.
 _ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
                    "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -176,7 +178,7 @@ def estimate(bundle, *, device: str = "cpu", shared: Callable[[str, str], bool] 
     serving = json.loads(serving_path.read_text()) if serving_path.exists() else {}
     float_bytes = serving_dtype_bytes(serving, config, device)
     new = shared_total = 0
-    for st in sorted(model.glob("*.safetensors")):
+    for st in model_weight_files(model):
         for name, (tag, shape) in safetensors_tensors(st).items():
             numel = 1
             for d in shape:

@@ -26,6 +26,8 @@ from typing import Callable, Hashable
 import torch
 from safetensors import safe_open
 
+from slotserve.bundles.source import model_weight_files
+
 
 @dataclass(frozen=True)
 class WeightSpec:
@@ -41,7 +43,7 @@ class WeightsError(ValueError):
 def safetensors_files(model_dir: Path) -> list[Path]:
     """The weight files of an HF model directory; refuses anything but safetensors."""
     model_dir = Path(model_dir)
-    files = sorted(model_dir.glob("*.safetensors"))
+    files = model_weight_files(model_dir)
     if not files:
         present = sorted(p.name for p in model_dir.iterdir()) if model_dir.is_dir() else []
         raise WeightsError(

@@ -40,8 +40,22 @@ def _hub_cache(root: Path, repo: str, model_dir: Path, extra: dict[str, bytes]) 
 def cache(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hub")
     model = build_demo_model("llama", 0, tmp / "model")
-    _hub_cache(tmp / "cache", "acme/tiny-llama", model, {"pytorch_model.bin": b"pickle, never loaded"})
+    weights = (model / "model.safetensors").read_bytes()
+    index = json.dumps({"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model.safetensors"}})
+    # what real repos carry beside the HF checkpoint: pickles, and the same weights in another layout
+    _hub_cache(tmp / "cache", "acme/tiny-llama", model, {
+        "pytorch_model.bin": b"pickle, never loaded", "consolidated.safetensors": weights,
+        "model.safetensors.index.json": index.encode()})
+    pickled = tmp / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_bytes((model / "config.json").read_bytes())
+    _hub_cache(tmp / "cache", "acme/pickled", pickled, {"pytorch_model.bin": b"pickle"})
     return tmp / "cache"
+
+
+def test_a_pickle_only_repo_is_refused_by_name(cache):
+    with pytest.raises(BundleError, match=r"hub:acme/pickled@0123456789abcdef.* has no safetensors weights"):
+        hub.fetch("hub:acme/pickled", cache_dir=cache, offline=True)
 
 
 def test_parse_and_refuse_malformed_references():
@@ -72,6 +86,8 @@ def test_publish_from_the_hub_pins_the_commit_and_skips_pickles(cache, tmp_path)
     m = json.loads(r.stdout)["manifest"]
     assert m["model"]["source"] == {"kind": "hub", "location": "acme/tiny-llama", "revision": COMMIT}
     assert not any(p.endswith(".bin") for p in m["files"]) and "model/config.json" in m["files"]
+    # the index names model.safetensors: the other layout of the same weights is not published
+    assert [p for p in m["files"] if p.endswith(".safetensors")] == ["model/model.safetensors"]
 
     bad = subprocess.run([str(SLOTSERVE), "bundle", "publish", "hub:acme/missing", "--name", "x",
                           "--store", str(tmp_path / "store")], capture_output=True, text=True, timeout=180, env=env)
