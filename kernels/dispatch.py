@@ -4,6 +4,9 @@
   auto   (default) Triton on CUDA tensors, the reference otherwise;
   triton always Triton, even on CPU tensors (with TRITON_INTERPRET=1 in tests);
   torch  always the reference.
+One exception: an engine on the CPU picks its KV pool layout when it loads (head-major for
+the torch side, token-major for Triton's store_kv), so flip the variable before loading
+it; after, Triton's store_kv refuses the head-major pool with a ValueError.
 """
 
 from __future__ import annotations
