@@ -13,14 +13,13 @@ The hub client's own settings apply: `HF_TOKEN` for gated models, `HF_HUB_CACHE`
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from slotserve.bundles.manifest import BundleError, ModelSource
-from slotserve.bundles.source import MODEL_FILES, TOKENIZER_FILES, model_weight_files
+from slotserve.bundles.source import MODEL_FILES, TOKENIZER_FILES, index_shards, model_weight_files
 
 PREFIX = "hub:"
 # What serving reads, by exact top-level name (a pattern like "*.safetensors" would also
@@ -71,12 +70,10 @@ def fetch(spec: str, *, cache_dir: str | Path | None = None, offline: bool | Non
 
     try:
         path = download(FILES)
-        index = path / "model.safetensors.index.json"
-        if index.is_file():   # a sharded checkpoint: exactly the shards the index names
-            shards = json.loads(index.read_text())["weight_map"].values()
-            path = download(sorted(set(shards)))
-    except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError, ValueError, KeyError,
-            TypeError, AttributeError) as e:
+        shards = index_shards(path)
+        if shards is not None:   # a sharded checkpoint: exactly the shards the index names
+            path = download(sorted(shards))
+    except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
         where = "in the local hub cache (HF_HUB_OFFLINE is set)" if offline else "on the hub"
         raise BundleError(
             f"cannot fetch {PREFIX}{repo}{'@' + rev if rev else ''} {where}: {type(e).__name__}: {e}. "

@@ -94,8 +94,13 @@ def read_source(src: Path, *, prompt_template=None, system_prompt=None, serving=
                               f"safetensors only (pickle can run code on load): {_HINT_CONVERT}")
         raise BundleError(f"{model_dir} has no *.safetensors weights; a bundle needs config.json and "
                           "model weights in safetensors format")
-    _check_index(model_dir, weights)
-    weights = [p.name for p in model_weight_files(model_dir)]     # the index's shards only, if indexed
+    shards = index_shards(model_dir)
+    if shards is not None:   # the index's shards only (see model_weight_files), and all of them
+        missing = sorted(shards - set(weights))
+        if missing:
+            raise BundleError(f"{model_dir / 'model.safetensors.index.json'} names shards that are not in "
+                              f"{model_dir}: {', '.join(missing)}")
+        weights = [n for n in weights if n in shards]
     for n in weights:
         _check_safetensors(model_dir / n)
     for n in names:
@@ -191,7 +196,7 @@ def _check_safetensors(path: Path) -> None:
         raise BundleError(f"{path} is not a valid safetensors file ({exc}); {_HINT_CONVERT}") from None
 
 
-def _index_shards(model_dir: Path) -> set[str] | None:
+def index_shards(model_dir: Path) -> set[str] | None:
     """The shard files `model.safetensors.index.json` names, or None without an index."""
     index = model_dir / "model.safetensors.index.json"
     if not index.is_file():
@@ -207,16 +212,8 @@ def model_weight_files(model_dir: Path) -> list[Path]:
     an index, only the shards it names (repos also ship e.g. `consolidated.safetensors`, the
     same weights in another layout, which would double the bundle and the memory estimate)."""
     files = sorted(p for p in Path(model_dir).glob("*.safetensors") if p.is_file())
-    shards = _index_shards(Path(model_dir))
+    shards = index_shards(Path(model_dir))
     return files if shards is None else [p for p in files if p.name in shards]
-
-
-def _check_index(model_dir: Path, weights: list[str]) -> None:
-    shards = _index_shards(model_dir)
-    missing = sorted((shards or set()) - set(weights))
-    if missing:
-        raise BundleError(f"{model_dir / 'model.safetensors.index.json'} names shards that are not in "
-                          f"{model_dir}: {', '.join(missing)}")
 
 
 def _read_text_file(path: Path, what: str) -> str:

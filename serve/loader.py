@@ -18,7 +18,7 @@ import torch
 
 from slotserve import kv_cache  # KVCache through its module, so tests can inject an OOM
 from slotserve.bundles import hub
-from slotserve.kernels.dispatch import use_triton
+from slotserve.kernels.dispatch import backend
 from slotserve.kv_cache import KVLayout, blocks_for, num_blocks_for_budget
 from slotserve.parking import _empty_cache
 from slotserve.weights import TensorPool, load_weights, safetensors_files
@@ -88,7 +88,7 @@ def load_engine(cls, path, device="cpu", dtype=None, *, max_model_len=None, max_
             kv_tokens = _kv_tokens(kv_cache_tokens, serving, per_token, max_batch, max_model_len, device)
             layout = KVLayout(lean.num_layers, num_blocks_for_budget(kv_tokens, block_size), block_size,
                               lean.num_kv_heads, lean.head_dim, dtype,
-                              head_major=device.type == "cpu" and not use_triton(torch.empty(0)))
+                              head_major=device.type == "cpu" and backend() != "triton")
             kv = kv_cache.KVCache(layout, device)
             model.kv_layers = kv.layers
             runner = LeanRunner(model, block_size, blocks_for(max_model_len, block_size))
