@@ -7,7 +7,10 @@ the arithmetic, and both were measured on the 2-core development VM (AVX-512, MK
   nothing (`decode_attention_cpu`, ~5x less work), and with the CPU pool's head-major
   storage (`KVLayout.head_major`) each head's rows of that view are contiguous;
 - MKL's `x @ w.T` for a skinny x (2..64 rows: decode batches) runs 1.3-2.5x slower than
-  `w @ x.T` on the same data; from 128 rows up (prefill) it is the other way round
+  `w @ x.T` on the same data; from 128 rows up (prefill) it is the other way round. One
+  row is worst of all: `F.linear` becomes a matrix-vector product that read the weights
+  at a third of the bandwidth `w @ x.T` reaches with two columns (all of a 25M model's
+  projections: 11.2 ms vs 4.4 ms), so a single row is duplicated into two
   (`linear`; `benchmarks/results/engine-cpu.md`).
 """
 
@@ -16,21 +19,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-SKINNY_ROWS = (2, 64)   # row counts for which `w @ x.T` beats `x @ w.T` on the CPU
+SKINNY_ROWS = (1, 64)   # row counts for which `w @ x.T` beats `x @ w.T` on the CPU
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`, computed as `(w @ x.T).T` for 2..64 rows of a 2-D fp32 x on the CPU.
+    """`F.linear`, computed as `(w @ x.T).T` for 1..64 rows of a 2-D fp32 x on the CPU.
 
     The result is the same product summed in a different order (fp32 differences of a
     few ulps, like any change of batch size); it is made contiguous so views downstream
-    (split heads, reshape) stay cheap.
+    (split heads, reshape) stay cheap. One row is computed as two copies of itself: MKL's
+    two-column product is a matrix-matrix kernel that runs on every core at full
+    bandwidth, where one column would be its slower matrix-vector kernel.
     """
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2
-            or not SKINNY_ROWS[0] <= x.shape[0] <= SKINNY_ROWS[1]):   # measured for fp32 only
+    rows = x.shape[0] if x.dim() == 2 else 0
+    if (x.device.type != "cpu" or x.dtype != torch.float32
+            or not SKINNY_ROWS[0] <= rows <= SKINNY_ROWS[1]):   # measured for fp32 only
         return F.linear(x, w, b)
-    out = torch.mm(w, x.t()) if b is None else torch.addmm(b[:, None], w, x.t())
-    return out.t().contiguous()
+    xt = x.t() if rows > 1 else x.expand(2, -1).contiguous().t()
+    out = torch.mm(w, xt) if b is None else torch.addmm(b[:, None], w, xt)
+    return out.t()[:rows].contiguous()
 
 
 def cpu_decode_plan(block_tables: list[list[int]], seq_lens: list[int], block_size: int) -> list:

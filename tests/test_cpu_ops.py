@@ -24,8 +24,10 @@ def test_linear_matches_f_linear(rows, bias):
 def test_linear_uses_the_transposed_product_only_where_measured():
     w = torch.randn(8, 4)
     lo, hi = SKINNY_ROWS
-    for x in (torch.randn(lo, 4), torch.randn(hi, 4)):
+    for x in (torch.randn(2, 4), torch.randn(hi, 4)):
         assert torch.equal(linear(x, w), torch.mm(w, x.t()).t())
-    for x in (torch.randn(1, 4), torch.randn(hi + 1, 4), torch.randn(lo, 4, dtype=torch.float64),
+    x = torch.randn(lo, 4)   # one row: the first column of the two-column product
+    assert torch.equal(linear(x, w), torch.mm(w, torch.cat([x, x]).t()).t()[:1])
+    for x in (torch.randn(hi + 1, 4), torch.randn(lo, 4, dtype=torch.float64),
               torch.randn(3, lo, 4)):
         assert torch.equal(linear(x, w.to(x.dtype)), F.linear(x, w.to(x.dtype)))
