@@ -109,8 +109,8 @@ def build_cos_sin_cache(max_pos: int, head_dim: int, base: float = 10000.0, dtyp
     return (torch.cat([freqs.cos(), freqs.sin()], dim=-1) * attention_scaling).to(dtype)
 
 
-def _rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x[T,H,D], cos/sin[T,1,D/2] fp32; one rounding to x.dtype at the end
+def rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x[T,H,D], cos/sin[T,1,D/2] fp32 -> x rotated (neox halves); one rounding to x.dtype at the end."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half].float(), x[..., half:].float()
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
@@ -126,4 +126,4 @@ def apply_rope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, co
     half = q.shape[-1] // 2
     cs = cos_sin_cache.index_select(0, positions.long()).float()     # [T, D]
     cos, sin = cs[:, None, :half], cs[:, None, half:]
-    return _rotate_ref(q, cos, sin), _rotate_ref(k, cos, sin)
+    return rotate_ref(q, cos, sin), rotate_ref(k, cos, sin)

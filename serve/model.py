@@ -2,7 +2,8 @@
 
 Tokens of a step arrive flattened (`[T]`, no padding). Projections are plain matmuls on
 fused weights (q|k|v, gate|up); every other hot op is a kernel: rms_norm (fused with the
-residual add), apply_rope, silu_and_mul, store_kv, paged_decode_attention. Prefill
+residual add), apply_rope, silu_and_mul, store_kv, paged_decode_attention (on the CPU in
+fp32, `slotserve.cpu_ops` runs bit-identical fused forms of the references). Prefill
 attention runs `scaled_dot_product_attention` per sequence on the chunk's own q and the
 sequence's cached K/V.
 
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from slotserve import kernels as K
+from slotserve import cpu_ops
 from slotserve.cpu_ops import cpu_decode_plan, decode_attention_cpu, linear
 from slotserve.kernels.dispatch import use_triton
 from slotserve.weights import WeightSpec
@@ -205,30 +207,36 @@ class LeanModel:
         cfg = self.cfg
         t = input_ids.shape[0]
         h = F.embedding(input_ids, self.embed)
+        # fp32 on the CPU: the kernels' references in fused forms, bit for bit the same
+        if cpu_ops.applies(h):
+            rms_norm, store_kv, rope = cpu_ops.rms_norm, cpu_ops.store_kv, cpu_ops.rope(self.cos_sin, positions)
+        else:
+            rms_norm, store_kv = K.rms_norm, K.store_kv
+            rope = lambda q, k: K.apply_rope(q, k, positions, self.cos_sin)  # noqa: E731
         residual = None
         for i, layer in enumerate(self.layers):
             if residual is None:
-                x, residual = K.rms_norm(h, layer.in_norm, cfg.rms_norm_eps), h
+                x, residual = rms_norm(h, layer.in_norm, cfg.rms_norm_eps), h
             else:
-                x, residual = K.rms_norm(h, layer.in_norm, cfg.rms_norm_eps, residual)
+                x, residual = rms_norm(h, layer.in_norm, cfg.rms_norm_eps, residual)
             qkv = linear(x, layer.qkv, layer.qkv_bias)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = q.reshape(t, cfg.num_heads, cfg.head_dim)
             k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
             v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
             if layer.q_norm is not None:  # Qwen3: RMSNorm over each head before rope
-                q = K.rms_norm(q.reshape(-1, cfg.head_dim), layer.q_norm, cfg.rms_norm_eps).view_as(q)
-                k = K.rms_norm(k.reshape(-1, cfg.head_dim), layer.k_norm, cfg.rms_norm_eps).view_as(k)
-            q, k = K.apply_rope(q, k, positions, self.cos_sin)
+                q = rms_norm(q.reshape(-1, cfg.head_dim), layer.q_norm, cfg.rms_norm_eps).view_as(q)
+                k = rms_norm(k.reshape(-1, cfg.head_dim), layer.k_norm, cfg.rms_norm_eps).view_as(k)
+            q, k = rope(q, k)
             k_cache, v_cache = self.kv_layers[i]
-            K.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+            store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
             nd = meta.num_decode
             o = self._decode_attention(q[:nd] if nd < t else q, k_cache, v_cache, meta) if nd else None
             if nd < t:
                 o_pre = self._prefill_attention(q, k, v, k_cache, v_cache, meta)
                 o = o_pre if o is None else torch.cat([o, o_pre])
             h = linear(o.reshape(t, self.q_size), layer.o, layer.o_bias)
-            x, residual = K.rms_norm(h, layer.post_norm, cfg.rms_norm_eps, residual)
+            x, residual = rms_norm(h, layer.post_norm, cfg.rms_norm_eps, residual)
             h = linear(K.silu_and_mul(linear(x, layer.gate_up, layer.gate_up_bias)), layer.down, layer.down_bias)
         return h, residual
 
@@ -264,5 +272,5 @@ class LeanModel:
     @torch.inference_mode()
     def logits(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head on the rows that sample: [R, H] -> [R, V] fp32."""
-        x, _ = K.rms_norm(h, self.norm, self.cfg.rms_norm_eps, residual)
+        x, _ = (cpu_ops.rms_norm if cpu_ops.applies(h) else K.rms_norm)(h, self.norm, self.cfg.rms_norm_eps, residual)
         return linear(x, self.lm_head).float()
