@@ -98,6 +98,12 @@ class _Sampling(ApiModel):
     def _stop(cls, v):
         return _check_stop(v)
 
+    @field_validator("n", "stream", mode="before")
+    @classmethod
+    def _null_is_default(cls, v, info):
+        # The OpenAI spec marks these nullable; clients send null to mean "the default".
+        return cls.model_fields[info.field_name].default if v is None else v
+
     @model_validator(mode="after")
     def _supported(self):
         if self.n != 1:
@@ -152,6 +158,11 @@ class CompletionRequest(_Sampling):
     suffix: str | None = None
     best_of: int | None = None
     logprobs: int | None = None
+
+    @field_validator("echo", mode="before")
+    @classmethod
+    def _null_echo(cls, v):
+        return False if v is None else v
 
     @field_validator("prompt")
     @classmethod

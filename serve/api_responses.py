@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Literal
 
 from slotserve.api_model import ApiModel
@@ -99,10 +98,6 @@ class ModelCard(ApiModel):
 class ModelList(ApiModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
 def now() -> int:

@@ -137,14 +137,25 @@ def create_app(replica) -> FastAPI:
     async def completions(request: Request):
         return await _generate("completion", CompletionRequest, request)
 
-    @app.get("/v1/models")
-    async def models():
+    def model_cards() -> list[ModelCard]:
         views = handler.backend.views()
         cards = []
         if (name := handler.served_name(views)) is not None:
             cards.append(ModelCard(id=name, created=now()))
-        cards += [ModelCard(id=v.ref, created=now(), slot=s, digest=v.digest) for s, v in views.items()]
-        return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
+        return cards + [ModelCard(id=v.ref, created=now(), slot=s, digest=v.digest) for s, v in views.items()]
+
+    @app.get("/v1/models")
+    async def models():
+        return JSONResponse(ModelList(data=model_cards()).model_dump(mode="json"))
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        cards = model_cards()
+        for card in cards:
+            if card.id == model_id:
+                return JSONResponse(card.model_dump(mode="json"))
+        raise APIError(404, f"model {model_id!r} is not served here; served: "
+                            + ", ".join(c.id for c in cards), param="model", code="model_not_found")
 
     @app.post("/v1/feedback")
     async def feedback(request: Request):
@@ -153,7 +164,7 @@ def create_app(replica) -> FastAPI:
         if view is None:
             return JSONResponse({"ok": True, "recorded": False, "id": req.id,
                                  "note": "the bundle that answered is no longer in a slot"})
-        replica.feedback(slot, view, positive=not req.thumbs_down)
+        replica.feedback(slot, view, positive=not req.thumbs_down, rid=req.id)
         return JSONResponse({"ok": True, "recorded": True, "id": req.id, "bundle": view.ref,
                              "slot": slot}, headers=view.headers())
 

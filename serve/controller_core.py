@@ -23,6 +23,7 @@ from slotserve import rollout as ro
 from slotserve import transitions as tr
 from slotserve.desired_state import SLOTS, DesiredState, ReplicaInfo, SlotRef
 from slotserve.replica_tracker import CONVERGE_TTL_S, REPLICA_TTL_S, ReplicaTracker
+from slotserve.response_ids import RatedOnce
 from slotserve.shadow import ShadowDiff
 from slotserve.spec import RolloutSpec, SpecError
 from slotserve.state_store import StateStore
@@ -51,6 +52,7 @@ class ControllerCore:
         self.actor = actor
         self.replicas = ReplicaTracker(clock)
         self.windows = WindowSet(("live", "candidate"), now=clock())
+        self.rated = RatedOnce()   # feedback ids seen from any replica: a response counts once
         self.state, self.rollout_spec, self.rollout = self.saved.load()
         self.state = self._restore(bundle, force_bundle)
         if self.rollout is not None:
@@ -132,7 +134,7 @@ class ControllerCore:
                 self._oom(o)
         elif kind == "feedback":
             w = self.windows.windows.get(ev.get("slot"))
-            if w is not None:
+            if w is not None and (ev.get("id") is None or self.rated.first(ev["id"])):
                 w.record_feedback(ev["positive"], ev.get("bundle"))
         elif kind == "shadow":
             w = self.windows.windows.get("candidate")

@@ -32,8 +32,9 @@ from typing import Any, AsyncIterator, Callable, Mapping, Protocol
 
 from slotserve.bundle_view import BundleView, TextStream
 from slotserve.preparation import DEFAULT_MAX_TOKENS, Prepared, prepare
-from slotserve.protocol import APIError, FeedbackRequest, new_id
+from slotserve.protocol import APIError, FeedbackRequest
 from slotserve.response import Run, _Resume
+from slotserve.response_ids import RatedOnce, ResponseIds
 
 __all__ = ["DEFAULT_MAX_TOKENS", "SLOT_NAMES", "Backend", "BundleView", "GenerationHandle",
            "Handler", "Outcome", "Prepared", "Routing", "Run", "TextStream"]
@@ -89,8 +90,10 @@ class Outcome:
 
 class Handler:
     def __init__(self, backend: Backend, *, observe: Callable[[Outcome], None] | None = None,
-                 on_shadow: Callable[[Any, BundleView], None] | None = None):
+                 on_shadow: Callable[[Any, BundleView], None] | None = None, ids: ResponseIds | None = None):
         self.backend = backend
+        self.ids = ids or ResponseIds()       # replicas of one app share the signing key
+        self.rated = RatedOnce()
         self.routing = Routing()
         self.observe = observe or (lambda outcome: None)
         self.on_shadow = on_shadow or (lambda diff, view: None)
@@ -289,21 +292,33 @@ class Handler:
 
     # -- feedback
 
-    def response_id(self, view: BundleView, prefix: str = "chatcmpl") -> str:
-        # The answering bundle's digest rides in the id, so feedback reaching any
-        # replica can be attributed without shared state.
-        return new_id(prefix) + "-" + view.digest.split(":")[-1][:16]
+    def response_id(self, view: BundleView, slot: str, prefix: str = "chatcmpl") -> str:
+        # Signed, and naming the answering bundle and slot, so feedback reaching any
+        # replica can be checked and attributed without shared state.
+        return self.ids.issue(prefix, view.digest, slot)
 
     def feedback(self, req: FeedbackRequest) -> tuple[str | None, BundleView | None]:
-        """(slot now holding the rated bundle or None, its view). 404 for an unknown id."""
-        prefix = req.id.rsplit("-", 1)[-1] if "-" in req.id else ""
-        if len(prefix) != 16 or any(c not in "0123456789abcdef" for c in prefix):
+        """(slot now holding the rated bundle or None, its view).
+
+        404 for an id this app did not issue, 409 for one already rated: a thumbs-down
+        rate may roll a rollout back, so forged or repeated ratings must not count.
+        """
+        found = self.ids.check(req.id)
+        if found is None:
             raise APIError(404, f"unknown response id {req.id!r}: use the id of a response "
                                 "this server returned", param="id", code="unknown_id")
-        for slot, view in self.backend.views().items():
-            if view.digest.split(":")[-1].startswith(prefix):
-                return slot, view
-        return None, None
+        if not self.rated.first(req.id):
+            raise APIError(409, f"response {req.id!r} was already rated; each response counts once",
+                           param="id", code="already_rated")
+        digest, answered_from = found
+        views = self.backend.views()
+        holds = [s for s, v in views.items() if v.digest.split(":")[-1].startswith(digest)]
+        if not holds:
+            return None, None
+        # the slot that answered while it still holds that bundle (one bundle may sit in
+        # two slots), else wherever the bundle is now (e.g. live after a promote)
+        slot = answered_from if answered_from in holds else holds[0]
+        return slot, views[slot]
 
 
 # Failures that say nothing about the bundle: do not retry them on live.

@@ -58,8 +58,9 @@ class Outbox:
             pass
         loop.call_soon_threadsafe(self._wake.set)
 
-    def feedback(self, slot: str | None, view: BundleView, positive: bool) -> None:
-        self._push({"kind": "feedback", "slot": slot, "bundle": view.ref, "positive": positive})
+    def feedback(self, slot: str | None, view: BundleView, positive: bool, rid: str | None = None) -> None:
+        # the response id lets the controller count a response once across replicas
+        self._push({"kind": "feedback", "slot": slot, "bundle": view.ref, "positive": positive, "id": rid})
 
     def shadow(self, diff, view: BundleView) -> None:
         self._push({"kind": "shadow", "bundle": view.ref, "diff": asdict(diff)})

@@ -23,11 +23,11 @@ from slotserve.api_requests import (MAX_STOP_SEQUENCES, MAX_TOKENS_LIMIT, ROLES,
                                     LoadRequest, ReasonRequest, StreamOptions)
 from slotserve.api_responses import (ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
                                      Completion, CompletionChoice, Delta, FinishReason, ModelCard,
-                                     ModelList, ResponseMessage, Usage, new_id, now)
+                                     ModelList, ResponseMessage, Usage, now)
 
 __all__ = ["ValidationError", "APIError", "describe_validation_error", "error_body", "ApiModel",
            "MAX_STOP_SEQUENCES", "MAX_TOKENS_LIMIT", "ROLES", "ChatCompletionRequest", "ChatMessage",
            "CompletionRequest", "ContentPart", "FeedbackRequest", "LoadRequest", "ReasonRequest",
            "StreamOptions", "ChatChoice", "ChatChunkChoice", "ChatCompletion", "ChatCompletionChunk",
            "Completion", "CompletionChoice", "Delta", "FinishReason", "ModelCard", "ModelList",
-           "ResponseMessage", "Usage", "new_id", "now"]
+           "ResponseMessage", "Usage", "now"]

@@ -29,6 +29,7 @@ import os
 import socket
 import uuid
 
+from slotserve.auth import TokenCheck
 from slotserve.controller import HEARTBEAT_S, DesiredState
 from slotserve.controller_link import LocalController, RayController
 from slotserve.eval_gate import EvalGate
@@ -36,6 +37,7 @@ from slotserve.handler import Handler
 from slotserve.outbox import MAX_OUTBOX, Outbox, _jsonable
 from slotserve.reconciler import Reconciler
 from slotserve.replica_settings import Settings, make_manager
+from slotserve.response_ids import ResponseIds, key_for
 from slotserve.slots_backend import SlotsBackend
 
 __all__ = ["MAX_OUTBOX", "LocalController", "RayController", "Replica", "Settings", "SlotsBackend"]
@@ -59,7 +61,9 @@ class Replica(Reconciler, Outbox, EvalGate):
         self.mgr = mgr
         self.backend = SlotsBackend(mgr)
         self.metrics = metrics
-        self.handler = Handler(self.backend, observe=self._observe, on_shadow=self.shadow)
+        # every replica of the app derives the same id-signing key from the admin token
+        ids = ResponseIds(key_for(TokenCheck(settings.admin_token_sha256, settings.store).expected_sha()))
+        self.handler = Handler(self.backend, observe=self._observe, on_shadow=self.shadow, ids=ids)
         self.desired: DesiredState | None = None
         self._latest: DesiredState | None = None     # newest state seen (may be being applied)
         self._applying: asyncio.Task | None = None

@@ -30,7 +30,7 @@ class Run:
                  first: list[int], done: bool, t0: float, ttft: float | None):
         self.h, self.prep, self.handle, self.stream = handler, prep, handle, stream
         self.first, self.done, self.t0, self.ttft = first, done, t0, ttft
-        self.id = handler.response_id(prep.view, "chatcmpl" if prep.kind == "chat" else "cmpl")
+        self.id = handler.response_id(prep.view, prep.slot, "chatcmpl" if prep.kind == "chat" else "cmpl")
         self.created = now()
         self.finished = False
         self._recorded = False

@@ -89,6 +89,20 @@ def test_end_to_end_local(env):
             assert {"rollback", "promote", "load"} <= {e["action"] for e in led}
             models = (await c.get("/v1/models")).json()["data"]
             assert [m["id"] for m in models] == ["demo", "demo:1", "demo:2"]
+            for m in models:   # what the openai client's models.retrieve(id) asks
+                r = await c.get(f"/v1/models/{m['id']}")
+                assert r.status_code == 200 and r.json() == m | {"created": r.json()["created"]}
+            r = await c.get("/v1/models/demo:9")
+            assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+            assert "demo:1" in r.json()["error"]["message"]
+            # null means the default for the spec's nullable fields
+            r = await c.post("/v1/chat/completions", json={
+                "model": "demo", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+                "n": None, "stream": None})
+            assert r.status_code == 200 and len(r.json()["choices"]) == 1, r.text
+            r = await c.post("/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 2,
+                                                      "echo": None, "stream": None})
+            assert r.status_code == 200, r.text
         finally:
             await c.aclose()
             await rep.stop()
@@ -281,6 +295,47 @@ def test_evict_previous_stops_advertising_it(env, tmp_path):
         finally:
             await c.aclose()
             await rep.stop()
+            rep.mgr.close()
+
+    asyncio.run(go())
+
+
+def test_feedback_counts_a_real_response_once_across_replicas(env):
+    """Two replicas of one app: an id issued by one is accepted by the other (same key),
+    each replica answers a repeat with 409, and the controller counts the response once;
+    a forged id carrying the public digest is refused and never reaches a guard window."""
+    root, store = env
+
+    async def go():
+        ctl, rep, c = await _start(root, store)
+        rep2 = Replica(Settings(store=str(root), app="local", admin_token_sha256=digest(TOKEN)),
+                       LocalController(ctl), replica_id="r2")
+        await rep2.start()
+        c2 = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(rep2)), base_url="http://test2",
+                               timeout=60)
+        try:
+            r = await c.post("/v1/chat/completions", json={
+                "model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+            rid = r.json()["id"]
+            digest16 = r.json()["system_fingerprint"].split(":")[-1][:16]
+            forged = await c.post("/v1/feedback", json={"id": f"chatcmpl-FAKE-{digest16}", "rating": "down"})
+            assert forged.status_code == 404 and forged.json()["error"]["code"] == "unknown_id"
+            first = await c.post("/v1/feedback", json={"id": rid, "rating": "down"})
+            assert first.status_code == 200 and first.json()["slot"] == "live", first.text
+            again = await c.post("/v1/feedback", json={"id": rid, "rating": "down"})
+            assert again.status_code == 409 and again.json()["error"]["code"] == "already_rated"
+            elsewhere = await c2.post("/v1/feedback", json={"id": rid, "rating": "down"})
+            assert elsewhere.status_code == 200, elsewhere.text   # r2 has not seen it ...
+            await rep.report()
+            await rep2.report()
+            live = ctl.core.windows["live"].snapshot(ctl.core.clock())
+            assert live.feedback == 1 and live.thumbs_down == 1   # ... but the controller has
+        finally:
+            await c.aclose()
+            await c2.aclose()
+            await rep2.stop()
+            await rep.stop()
+            rep2.mgr.close()
             rep.mgr.close()
 
     asyncio.run(go())

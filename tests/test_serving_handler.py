@@ -235,9 +235,56 @@ def test_disconnect_cancels_engine_request():
 def test_feedback_attribution():
     v = view()
     h = Handler(Backend({"live": v}, {"live": "x"}))
-    rid = h.response_id(v)
+    rid = h.response_id(v, "live")
     slot, got = h.feedback(FeedbackRequest(id=rid, rating="down"))
     assert slot == "live" and got is v
     with pytest.raises(APIError) as ei:
         h.feedback(FeedbackRequest(id="nope", rating="down"))
     assert ei.value.status == 404
+
+
+def feedback_error(h, rid):
+    with pytest.raises(APIError) as ei:
+        h.feedback(FeedbackRequest(id=rid, rating="down"))
+    return ei.value
+
+
+def test_feedback_counts_only_ids_this_app_issued_and_each_once():
+    from slotserve.response_ids import ResponseIds, key_for
+
+    v = view()
+    key = key_for("ab" * 32)
+    h = Handler(Backend({"live": v}, {"live": "x"}), ids=ResponseIds(key))
+    rid = h.response_id(v, "live")
+    assert h.feedback(FeedbackRequest(id=rid, rating="down"))[0] == "live"
+    err = feedback_error(h, rid)             # a repeat of a real id
+    assert err.status == 409 and err.code == "already_rated"
+    # Forgeries: the public digest with a made-up MAC, a tampered slot or random part.
+    digest16 = v.digest.split(":")[-1][:16]
+    body, mac = rid.rsplit("-", 1)
+    for forged in (f"chatcmpl-{'0' * 24}-{digest16}-live-{'0' * 16}", f"chatcmpl-FAKE-{digest16}",
+                   body.replace("-live", "-candidate") + "-" + mac, "chatcmpl-" + "f" * 24 + body[33:] + "-" + mac):
+        assert feedback_error(h, forged).status == 404, forged
+    # Another replica of the same app (same key) accepts an id this one issued, once;
+    # an app with another admin token does not.
+    other = Handler(Backend({"live": v}, {"live": "x"}), ids=ResponseIds(key))
+    rid2 = h.response_id(v, "live")
+    assert other.feedback(FeedbackRequest(id=rid2, rating="up"))[0] == "live"
+    stranger = Handler(Backend({"live": v}, {"live": "x"}), ids=ResponseIds(key_for("cd" * 32)))
+    assert feedback_error(stranger, h.response_id(v, "live")).status == 404
+
+
+def test_feedback_goes_to_the_slot_that_answered_while_it_holds_that_bundle():
+    old, new = view(version=1), view(version=2)
+    # `slotserve load <previous ref>` may put one bundle in both previous and candidate
+    h = Handler(Backend({"live": new, "previous": old, "candidate": old}, {}))
+    rid = h.response_id(old, "candidate")
+    assert h.feedback(FeedbackRequest(id=rid, rating="down"))[0] == "candidate"
+    # after a promote the bundle is live and candidate is empty: it is rated where it is now
+    h.backend = Backend({"live": old, "previous": new}, {})
+    rid = Handler(Backend({}, {}), ids=h.ids).response_id(old, "candidate")
+    assert h.feedback(FeedbackRequest(id=rid, rating="down"))[0] == "live"
+    # a bundle no longer in any slot: accepted, attributed to nobody
+    h.backend = Backend({"live": new}, {})
+    rid = h.response_id(old, "live")
+    assert h.feedback(FeedbackRequest(id=rid, rating="down")) == (None, None)
