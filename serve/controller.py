@@ -136,13 +136,14 @@ class SlotController:
         try:
             if op == "rollout":
                 spec = dict(args["spec"])
-                rec = self.core._resolve(spec.get("bundle", ""))
+                try:
+                    RolloutSpec.parse(spec)  # refuse a bad spec (no bundle, too) before loading anything
+                except SpecError as exc:
+                    raise ControlError(400, str(exc), "invalid_spec") from None
+                rec = self.core._resolve(spec["bundle"])
+                self.core.check_eval_gate(spec, rec)
                 cand = self.core.state.candidate
                 if cand is None or cand.digest != rec.digest:
-                    try:
-                        RolloutSpec.parse(spec)  # refuse a bad spec before loading anything
-                    except SpecError as exc:
-                        raise ControlError(400, str(exc), "invalid_spec") from None
                     if self.core.rollout is not None and self.core.rollout.active:
                         raise ControlError(409, "a rollout is already in progress", "rollout_in_progress")
                     self.core.load(rec.ref, actor=args["actor"])
@@ -210,7 +211,7 @@ class SlotController:
         self._ensure_loop()
         if self.core.rollout is not None and self.core.rollout.phase == "pending_eval":
             self.core.rollout, events = ro.abort(self.core.rollout, f"eval gate failed: {message}",
-                                                 self.core.clock())
+                                                 self.core.clock(), trigger="eval")
             self.core._apply_events(events)
         self._notify()
 

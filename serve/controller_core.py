@@ -22,6 +22,7 @@ from typing import Any, Callable
 from slotserve import rollout as ro
 from slotserve import transitions as tr
 from slotserve.desired_state import SLOTS, DesiredState, ReplicaInfo, SlotRef
+from slotserve.evals import EvalError, load_eval
 from slotserve.replica_tracker import CONVERGE_TTL_S, REPLICA_TTL_S, ReplicaTracker
 from slotserve.response_ids import RatedOnce
 from slotserve.shadow import ShadowDiff
@@ -194,6 +195,7 @@ class ControllerCore:
         except SpecError as exc:
             raise ControlError(400, str(exc), "invalid_spec") from None
         rec = self._resolve(spec.bundle)
+        self.check_eval_gate(spec_dict, rec)
         if self.state.live and rec.digest == self.state.live.digest:
             raise ControlError(409, f"{rec.ref} is already live", "already_live")
         if self.state.candidate is None or self.state.candidate.digest != rec.digest:
@@ -211,6 +213,16 @@ class ControllerCore:
                          sticky_key=spec.sticky_key,
                          safety=spec.safety.to_dict() if spec.safety else None,
                          rollout_phase=self.rollout.phase, window_epoch=self.state.window_epoch + 1)
+
+    def check_eval_gate(self, spec_dict: dict, rec) -> None:
+        """400 now for an eval_score guard on a bundle with no eval set, rather than a
+        rollout that starts and then aborts in the background."""
+        if not RolloutSpec.parse(spec_dict).has_eval_gate:
+            return
+        try:
+            load_eval(self.store.path_of(rec.name, rec.version))
+        except EvalError as exc:
+            raise ControlError(400, f"{rec.ref}: {exc}", "invalid_spec") from None
 
     def abort(self, *, actor: str, reason: str = "") -> DesiredState:
         if self.rollout is not None and self.rollout.active:

@@ -91,6 +91,7 @@ class Alerted:
 class Aborted:
     reason: str
     at: float
+    trigger: str = "manual"   # "manual" (an operator) | "eval" (the eval gate could not run)
 
 
 @dataclass(frozen=True)
@@ -255,10 +256,11 @@ def promote(state: RolloutState, now: float, reason: str = "") -> tuple[RolloutS
     return _end(state, "promoted", why, [ev], now), [ev]
 
 
-def abort(state: RolloutState, reason: str, now: float) -> tuple[RolloutState, list[Event]]:
-    """Human stop: traffic back to live, candidate released (like a rollback, but chosen)."""
+def abort(state: RolloutState, reason: str, now: float, trigger: str = "manual") -> tuple[RolloutState, list[Event]]:
+    """Stop: traffic back to live, candidate released (like a rollback, but chosen by an
+    operator, or forced when the eval gate cannot run)."""
     _require_active(state, "abort")
-    ev = Aborted(reason or "aborted", now)
+    ev = Aborted(reason or "aborted", now, trigger)
     return _end(state, "aborted", ev.reason, [ev], now), [ev]
 
 

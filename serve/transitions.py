@@ -148,7 +148,7 @@ def rollout_event(ev: ro.Event, rollout: ro.RolloutState, state: DesiredState) -
         return replace(t, changes={**t.changes, "rollout_phase": phase})
     if isinstance(ev, (ro.RolledBack, ro.Aborted)):
         action = "rollback" if isinstance(ev, ro.RolledBack) else "abort"
-        metrics = {"trigger": "guard" if action == "rollback" else "manual", **(getattr(ev, "metrics", None) or {})}
+        metrics = {"trigger": "guard" if action == "rollback" else ev.trigger, **(getattr(ev, "metrics", None) or {})}
         return Transition(f"rollout {phase}: {ev.reason}",
                           {**released(), "rollout_phase": phase, "window_epoch": state.window_epoch + 1},
                           (LedgerRow(action, cand, from_=cand, to=state.live.ref if state.live else None,

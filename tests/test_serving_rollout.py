@@ -239,6 +239,24 @@ def test_eval_gate_runs_before_the_first_step(store, tmp_path):
     asyncio.run(go())
 
 
+def test_rollouts_that_cannot_run_are_refused_up_front(store):
+    """400 invalid_spec before anything loads or starts: no bundle in the spec, and an
+    eval_score guard on a candidate without an eval set (it used to start, then abort)."""
+    async def go():
+        async with serving(store, "refusals") as (c, ctl):
+            r = await c.post("/admin/rollout", json={}, headers=AUTH)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_spec", r.text
+            assert "bundle" in r.json()["error"]["message"]
+            spec = {"bundle": "demo:2", "strategy": "canary", "steps": [100], "bake": "0.2s",
+                    "guards": [{"metric": "eval_score", "op": "<", "value": 0.9, "relative_to": "live"}]}
+            r = await c.post("/admin/rollout", json=spec, headers=AUTH)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_spec", r.text
+            assert "eval/eval.jsonl" in r.json()["error"]["message"]
+            st = (await c.get("/admin/state", headers=AUTH)).json()
+            assert st["desired"]["candidate"] is None and (await c.get("/admin/rollout", headers=AUTH)).json().get("phase") in (None, "none")
+    asyncio.run(go())
+
+
 def test_slow_candidate_is_rolled_back_by_relative_latency(store):
     async def go():
         async with serving(store, "canary-slow") as (c, ctl):

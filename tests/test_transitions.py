@@ -60,6 +60,8 @@ def test_rollout_events_map_to_one_change_each():
     t = tr.rollout_event(ab, r2, s)
     assert {k: t.changes[k] for k in NO_CANDIDATE} == NO_CANDIDATE and t.changes["rollout_phase"] == "aborted"
     assert t.ledger[0].metrics == {"trigger": "manual"}
+    r3, (ab,) = ro.abort(ro.start(spec, 0.0, live="demo:2"), "eval gate failed: no items", 1.0, trigger="eval")
+    assert tr.rollout_event(ab, r3, s).ledger[0].metrics == {"trigger": "eval"}   # nobody aborted it by hand
     assert tr.rollout_event(ro.EvalGated(True, 1.0, 1.0, "ok", 0.0), r, s) is None
 
 
