@@ -303,7 +303,10 @@ class ControllerCore:
         snapshot = self.windows.snapshot(now)
         out = ro.describe(self.rollout, snapshot, now)
         out["windows"] = {s: w.to_dict() for s, w in snapshot.items()}
-        out.update(step_started_at=self.rollout.step_started_at, now=now)
+        # `live` is what serves now (the candidate, after a promote); `baseline` is the live
+        # the rollout started from and compared the candidate against.
+        out.update(baseline=out["live"], live=self.state.live.ref if self.state.live else None,
+                   step_started_at=self.rollout.step_started_at, now=now)
         return _jsonable(out)
 
     def admin_state(self) -> dict:

@@ -36,3 +36,19 @@ def test_rollout_status_has_the_servers_now(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(admin_client, "call", lambda args, method, path, body=None: c.rollout_status())
     assert main(["rollout", "status"]) == 0
     assert "step running 12.5s" in capsys.readouterr().out
+
+
+def test_rollout_status_live_is_what_serves_now(tmp_path):
+    """After a promote the status says the candidate is live; the rollout's starting live
+    stays visible as `baseline` (review finding: it kept saying live = the old bundle)."""
+    store = Store(tmp_path)
+    publish_demo(store, "demo", seed=0)
+    publish_demo(store, "demo", seed=1)
+    c = ControllerCore(store, app="status2", bundle="demo:1", clock=Clock(5.0))
+    c.load("demo:2", actor="t")
+    c.start_rollout({"bundle": "demo:2", "steps": [10, 100], "bake": "1m", "min_requests": 5}, actor="t")
+    st = c.rollout_status()
+    assert (st["live"], st["baseline"]) == ("demo:1", "demo:1")
+    c.promote(actor="t")
+    st = c.rollout_status()
+    assert st["phase"] == "promoted" and (st["live"], st["baseline"]) == ("demo:2", "demo:1")
