@@ -33,7 +33,7 @@ SERVING_DEFAULTS: Mapping[str, Any] = {
 # Unknown keys are refused (a typo would otherwise silently serve defaults); a part that
 # reads a new key from serving.json adds it here.
 SERVING_KEYS = ("dtype", "max_model_len", "max_batch", "kv_cache_tokens", "kv_cache_bytes", "max_prefill_tokens",
-                "sampling", "faults", "safety")
+                "enable_prefix_caching", "sampling", "faults", "safety")
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_tokens", "stop")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
@@ -245,6 +245,12 @@ def _int(v: Any, key: str, lo: int = 1, hi: int | None = None) -> int:
     return v
 
 
+def _bool(v: Any, key: str) -> bool:
+    if not isinstance(v, bool):
+        raise BundleError(f"serving.json: {key} must be true or false, got {v!r}")
+    return v
+
+
 def _num(v: Any, key: str, lo: float, hi: float, lo_open: bool = False) -> float:
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     if not ok or v > hi or v < lo or (lo_open and v == lo):
@@ -298,6 +304,8 @@ def normalize_serving(user: Mapping[str, Any] | None, config: Mapping[str, Any])
     out["sampling"] = s
     if "max_prefill_tokens" in user:
         out["max_prefill_tokens"] = _int(user["max_prefill_tokens"], "max_prefill_tokens")
+    if "enable_prefix_caching" in user:   # absent: the engine's default (on for the lean path)
+        out["enable_prefix_caching"] = _bool(user["enable_prefix_caching"], "enable_prefix_caching")
     # Sections owned by other parts: checked with their own parser when it is installed.
     for key, module, parse in (("faults", "slotserve.faults", "Faults.from_dict"),
                                ("safety", "slotserve.safety", "SafetyConfig.from_dict")):

@@ -68,7 +68,8 @@ class Engine(StepLoop, Parking):
     def __init__(self, runner, *, eos_token_ids: tuple[int, ...], max_model_len: int, max_batch: int,
                  kv_tokens: int, block_size: int, max_prefill_tokens: int, kv: KVCache | None = None,
                  tensor_pool: TensorPool | None = None, owner: object = None, model_dir: str = "",
-                 fallback_reason: str | None = None, stream: "torch.cuda.Stream | None" = None):
+                 fallback_reason: str | None = None, stream: "torch.cuda.Stream | None" = None,
+                 enable_prefix_caching: bool = False):
         self.runner = runner
         self.path: str = runner.path
         self.fallback_reason = fallback_reason
@@ -94,7 +95,9 @@ class Engine(StepLoop, Parking):
         self.allocator = BlockAllocator(num_blocks_for_budget(kv_tokens, block_size), block_size)
         self.scheduler = Scheduler(self.allocator, max_batch=max_batch, max_model_len=max_model_len,
                                    max_prefill_tokens=max_prefill_tokens, on_release=runner.release,
-                                   spread_blocks=runner.path == "lean" and runner.device.type == "cpu")
+                                   spread_blocks=runner.path == "lean" and runner.device.type == "cpu",
+                                   # the transformers fallback keeps its own cache per sequence
+                                   prefix_caching=enable_prefix_caching and runner.path == "lean")
         self._cond = threading.Condition()
         self._closed = False
         self._next_id = 0
@@ -109,7 +112,7 @@ class Engine(StepLoop, Parking):
     def from_pretrained(cls, path, device="cpu", dtype=None, *, max_model_len=None, max_batch=None,
                         kv_cache_tokens=None, tensor_pool: TensorPool | None = None, block_size: int = 16,
                         max_prefill_tokens: int | None = None, enforce_eager: bool = False,
-                        model_impl: str = "auto") -> "Engine":
+                        model_impl: str = "auto", enable_prefix_caching: bool | None = None) -> "Engine":
         """Load an HF model directory, a bundle directory (model/ + serving.json + manifest.json),
         or a hub checkpoint `hub:ORG/REPO[@REVISION]` (safetensors and configs only; see
         `slotserve.bundles.hub`).
@@ -118,11 +121,13 @@ class Engine(StepLoop, Parking):
         "auto": the config's dtype on CUDA (bf16 if it names none), float32 on CPU.
         model_impl: "auto" (lean when the architecture allows), "lean" (refuse otherwise) or
         "transformers" (always the fallback).
+        enable_prefix_caching: reuse the KV blocks of prompt prefixes computed before (None:
+        serving.json's `enable_prefix_caching`, else on); the transformers fallback never does.
         """
         return load_engine(cls, path, device, dtype, max_model_len=max_model_len, max_batch=max_batch,
                            kv_cache_tokens=kv_cache_tokens, tensor_pool=tensor_pool, block_size=block_size,
                            max_prefill_tokens=max_prefill_tokens, enforce_eager=enforce_eager,
-                           model_impl=model_impl)
+                           model_impl=model_impl, enable_prefix_caching=enable_prefix_caching)
 
     # ------------------------------------------------------------------------------ requests
     def submit(self, prompt_ids, params: SamplingParams | None = None) -> RequestHandle:

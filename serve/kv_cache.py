@@ -24,50 +24,82 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 
 
 class BlockAllocator:
-    """Free blocks, lowest id first, and the block right after a sequence's last when free.
+    """Reference-counted blocks; free ones lowest id first, the block after a sequence's last when free.
 
     Preferring low ids and the next id keeps a sequence's blocks consecutive most of the
     time, which lets the CPU decode path read its K/V as a view instead of gathering.
+
+    Prefix caching (see serve/prefix_cache.py) registers a full, computed block under a
+    content key. A block whose last holder frees it keeps its key and K/V: it is free
+    (counted in `num_free`, allocatable) but *evictable*, and a later request with the
+    same key can take it back with `share`. Fresh allocations take blocks that hold
+    nothing cached first and evict cached ones least recently used first.
     """
 
     def __init__(self, num_blocks: int, block_size: int):
         assert num_blocks > 0 and block_size > 0
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._heap = list(range(num_blocks))     # may hold stale ids (taken by allocate_after)
-        self._free: set[int] = set(self._heap)
+        self._heap = list(range(num_blocks))     # may hold stale ids (taken by allocate_after/spread)
+        self._free: set[int] = set(self._heap)   # free blocks that hold nothing cached
+        self._refs = [0] * num_blocks            # holders of each block (sequences)
+        self._lru: dict[int, None] = {}          # free blocks still holding cached K/V, oldest first
+        self._key_of: dict[int, bytes] = {}      # registered block -> its content key (used or free)
+        self._block_of: dict[bytes, int] = {}    # content key -> block
+        self.num_evicted = 0
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._lru)
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks holding registered content, held by a sequence or free (evictable)."""
+        return len(self._key_of)
 
     @property
     def capacity_tokens(self) -> int:
         return self.num_blocks * self.block_size
 
     def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
+        return n <= self.num_free
 
-    def _pop(self) -> int:
-        while True:
+    def refcount(self, block: int) -> int:
+        return self._refs[block]
+
+    def _take(self) -> int:
+        """One free block: the lowest id holding nothing cached, else evict the least recently used."""
+        while self._heap:
             b = heapq.heappop(self._heap)
             if b in self._free:
                 self._free.remove(b)
-                return b
+                return self._hold(b)
+        b = next(iter(self._lru))
+        del self._lru[b]
+        del self._block_of[self._key_of.pop(b)]   # evicted: its key will never match again
+        self.num_evicted += 1
+        return self._hold(b)
+
+    def _hold(self, b: int) -> int:
+        assert self._refs[b] == 0, f"block {b} handed out while held"
+        self._refs[b] = 1
+        return b
+
+    def _check(self, n: int) -> None:
+        if n > self.num_free:
+            raise RuntimeError(f"KV pool exhausted: asked {n} blocks, {self.num_free} free")
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise RuntimeError(f"KV pool exhausted: asked {n} blocks, {len(self._free)} free")
-        return [self._pop() for _ in range(n)]
+        self._check(n)
+        return [self._take() for _ in range(n)]
 
     def allocate_spread(self, n: int) -> list[int]:
-        """n consecutive blocks in the middle of the largest free run (else `allocate(n)`).
+        """n consecutive blocks in the middle of the largest run holding nothing cached (else `allocate(n)`).
 
         Used when admitting a prompt on the CPU path: the sequence before the run and this
         one both keep room to grow into consecutive blocks. O(free blocks) per call.
         """
-        if n > len(self._free):
-            raise RuntimeError(f"KV pool exhausted: asked {n} blocks, {len(self._free)} free")
+        self._check(n)
         best_start, best_len, run_start, prev = 0, 0, None, None
         for b in sorted(self._free):
             if prev is None or b != prev + 1:
@@ -79,26 +111,69 @@ class BlockAllocator:
             return self.allocate(n)
         start = best_start if best_start == 0 else best_start + (best_len - n) // 2
         out = list(range(start, start + n))
-        self._free.difference_update(out)   # their heap entries go stale; _pop skips them
-        return out
+        self._free.difference_update(out)   # their heap entries go stale; _take skips them
+        return [self._hold(b) for b in out]
 
     def allocate_after(self, prev: int | None) -> int:
-        """One block, `prev + 1` when that one is free."""
-        if not self._free:
-            raise RuntimeError("KV pool exhausted: asked 1 block, 0 free")
+        """One block, `prev + 1` when that one is free and holds nothing cached."""
+        self._check(1)
         if prev is not None and prev + 1 in self._free:
             self._free.remove(prev + 1)
-            return prev + 1
-        return self._pop()
+            return self._hold(prev + 1)
+        return self._take()
 
     def free(self, blocks: list[int]) -> None:
-        for b in blocks:
-            assert 0 <= b < self.num_blocks and b not in self._free, f"double free of block {b}"
-            self._free.add(b)
-            heapq.heappush(self._heap, b)
+        """Drop one reference to each block (and empty the list). A block nobody holds any
+        more is free; if it is registered it keeps its key and K/V until evicted.
+
+        The last block is released first, so a sequence's tail is evicted before its
+        prefix, which more requests share."""
+        for b in reversed(blocks):
+            assert 0 <= b < self.num_blocks and self._refs[b] > 0, f"double free of block {b}"
+            self._refs[b] -= 1
+            if self._refs[b]:
+                continue
+            if b in self._key_of:
+                self._lru[b] = None                 # newest: evicted last
+            else:
+                self._free.add(b)
+                heapq.heappush(self._heap, b)
         if len(self._heap) > 4 * self.num_blocks:   # drop stale entries now and then
             self._heap = sorted(self._free)
         blocks.clear()
+
+    # --- prefix caching: content keys of full, computed blocks ---------------------------
+    def lookup(self, key: bytes) -> int | None:
+        """The block registered under `key` (held or free-but-cached), or None."""
+        return self._block_of.get(key)
+
+    def share(self, block: int) -> None:
+        """Take a reference on a registered block (a prefix-cache hit); a free one leaves the free pool."""
+        assert block in self._key_of, f"block {block} is not cached"
+        if self._refs[block] == 0:
+            del self._lru[block]
+        self._refs[block] += 1
+
+    def register(self, block: int, key: bytes) -> bool:
+        """Record that held `block` is full and computed with content `key` -> registered now.
+
+        False when another block already holds that content (two sequences computed the
+        same prefix at once): the first stays the cached one, this one stays private."""
+        assert self._refs[block] > 0, f"registering block {block} that nobody holds"
+        if key in self._block_of:
+            return self._block_of[key] == block
+        assert block not in self._key_of, f"block {block} registered twice"   # full blocks never change
+        self._key_of[block], self._block_of[key] = key, block
+        return True
+
+    def clear_cached(self) -> None:
+        """Forget every registered key (the KV pool was dropped): cached free blocks become plain free."""
+        for b in self._lru:
+            self._free.add(b)
+            heapq.heappush(self._heap, b)
+        self._lru.clear()
+        self._key_of.clear()
+        self._block_of.clear()
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 def load_engine(cls, path, device="cpu", dtype=None, *, max_model_len=None, max_batch=None,
                 kv_cache_tokens=None, tensor_pool: TensorPool | None = None, block_size: int = 16,
                 max_prefill_tokens: int | None = None, enforce_eager: bool = False,
-                model_impl: str = "auto"):
+                model_impl: str = "auto", enable_prefix_caching: bool | None = None):
     """`cls.from_pretrained(...)` (see `Engine.from_pretrained`) -> a `cls` instance."""
 
     if hub.is_hub(path):   # hub:ORG/REPO[@REV] -> the fetched snapshot (safetensors and configs only)
@@ -72,6 +72,11 @@ def load_engine(cls, path, device="cpu", dtype=None, *, max_model_len=None, max_
     max_model_len = int(req_len or model_max)
     if max_prefill_tokens is None:
         max_prefill_tokens = int(serving.get("max_prefill_tokens") or (2048 if device.type == "cuda" else 512))
+    if enable_prefix_caching is None:
+        enable_prefix_caching = serving.get("enable_prefix_caching", True)
+    if not isinstance(enable_prefix_caching, bool):
+        raise ValueError(f"enable_prefix_caching (argument or serving.json) must be true or false, "
+                         f"got {enable_prefix_caching!r}")
 
     if reason is None:
         owner = object()
@@ -101,7 +106,8 @@ def load_engine(cls, path, device="cpu", dtype=None, *, max_model_len=None, max_
                     runner.graphs = DecodeGraphs.try_capture(runner, max_batch, stream)
             eng = cls(runner, eos_token_ids=eos, max_model_len=max_model_len, max_batch=max_batch,
                       kv_tokens=kv_tokens, block_size=block_size, max_prefill_tokens=max_prefill_tokens,
-                      kv=kv, tensor_pool=tensor_pool, owner=owner, model_dir=str(model_dir), stream=stream)
+                      kv=kv, tensor_pool=tensor_pool, owner=owner, model_dir=str(model_dir), stream=stream,
+                      enable_prefix_caching=enable_prefix_caching)
         except BaseException:
             # A failed load (OOM in the KV pool, a missing tensor, ...) must not leak: drop
             # every pool claim this engine made and the tensors it allocated. The frame

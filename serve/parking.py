@@ -109,6 +109,8 @@ class Parking:
             if key_of.get(i) is not None:
                 self._pool.release_key(key_of[i], self._owner)
         kv_bytes = 0
+        with self._cond:   # the prefix cache's keys name K/V in the pool dropped below
+            self.scheduler.clear_prefix_cache()
         if self.kv is not None:
             kv_bytes = self.kv.nbytes
             self.kv.release()

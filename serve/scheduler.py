@@ -9,6 +9,10 @@ where large matmuls are cheaper per row (CPU, and GPU prefill) decode rows ride 
 Memory rules (the pool is `BlockAllocator`):
 - admission is FIFO and reserves the blocks for the whole (remaining) prompt, so a
   sequence whose prefill started never waits for blocks;
+- with prefix caching (serve/prefix_cache.py) admission first takes the longest run of
+  cached full blocks of the prompt (shared, reference-counted) and starts the sequence
+  after them; only the rest is allocated and prefilled. Blocks are registered for reuse
+  in `postprocess`, i.e. only after the step that computed them succeeded;
 - a decode step that needs a new block and finds none *preempts by recompute*: the most
   recently admitted sequence frees its blocks and goes back to the front of the queue
   (its prompt + output so far is prefilled again later);
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from slotserve.kv_cache import BlockAllocator, blocks_for
+from slotserve.prefix_cache import PrefixCache
 
 
 class SeqStatus(enum.Enum):
@@ -50,6 +55,8 @@ class Sequence:
     finish_reason: str | None = None
     num_preemptions: int = 0
     handle: object = None             # the engine's RequestHandle (opaque here)
+    block_keys: list[bytes] = field(default_factory=list)   # prefix-cache keys of full blocks, computed once
+    num_registered: int = 0           # leading blocks of block_table already in the prefix cache (or refused)
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -107,6 +114,7 @@ class Scheduler:
         max_prefill_tokens: int,
         on_release: Callable[[Sequence], None] | None = None,
         spread_blocks: bool = False,
+        prefix_caching: bool = False,
     ):
         assert max_batch >= 1 and max_prefill_tokens >= 1
         self.alloc = allocator
@@ -119,6 +127,10 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []      # admission order
         self.num_preemptions = 0
+        # Off on the transformers fallback: its runner keeps a private cache per sequence.
+        self.prefix = PrefixCache(allocator) if prefix_caching else None
+        self.prompt_tokens = 0            # tokens admitted for prefill (a re-admitted preempted sequence again)
+        self.cached_prompt_tokens = 0     # ... of which prefix-cache hits served
 
     # --- queue -------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -146,7 +158,7 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         if seq.block_table:
             self.alloc.free(seq.block_table)
-        seq.num_cached = 0
+        seq.num_cached = seq.num_registered = 0
         self.on_release(seq)
 
     def _preempt(self, seq: Sequence) -> None:
@@ -156,6 +168,12 @@ class Scheduler:
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached block (the KV pool is being dropped); needs an idle engine."""
+        assert not self.running, "clearing the prefix cache under running sequences"
+        if self.prefix is not None:
+            self.prefix.clear()
 
     # --- scheduling ----------------------------------------------------------------------
     def schedule(self) -> Batch | None:
@@ -203,16 +221,31 @@ class Scheduler:
         # 2) admit from the queue, strictly FIFO (no overtaking), reserving whole prompts
         while self.waiting and budget > 0 and len(self.running) < self.max_batch:
             seq = self.waiting[0]
-            need = blocks_for(len(seq), self.block_size)
-            if not self.alloc.can_allocate(need):
+            if not self._admit(seq):
                 break
             self.waiting.popleft()
-            seq.block_table = self.alloc.allocate_spread(need) if self.spread_blocks else self.alloc.allocate(need)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            n = min(len(seq), budget)
-            seqs.append(seq), starts.append(0), ends.append(n)
+            n = min(len(seq) - seq.num_cached, budget)
+            seqs.append(seq), starts.append(seq.num_cached), ends.append(seq.num_cached + n)
             budget -= n
+
+    def _admit(self, seq: Sequence) -> bool:
+        """Give `seq` the blocks of its whole prompt (cached prefix shared, the rest fresh) or
+        return False when the pool cannot hold them now."""
+        hit = self.prefix.match(seq) if self.prefix is not None else []
+        need = blocks_for(len(seq), self.block_size) - len(hit)
+        # A hit block nobody holds is in the free pool: sharing it uses up a free block too.
+        if not self.alloc.can_allocate(need + (self.prefix.reclaimed(hit) if hit else 0)):
+            return False
+        if hit:
+            self.prefix.share(hit)   # before allocating: a fresh allocation must not evict them
+        fresh = self.alloc.allocate_spread(need) if self.spread_blocks else self.alloc.allocate(need)
+        seq.block_table = hit + fresh
+        seq.num_cached, seq.num_registered = len(hit) * self.block_size, len(hit)
+        self.prompt_tokens += len(seq)
+        self.cached_prompt_tokens += seq.num_cached
+        return True
 
     # --- after the step ----------------------------------------------------------------------
     def postprocess(self, batch: Batch, sampled: dict[int, int]) -> list[tuple[Sequence, int | None]]:
@@ -226,6 +259,8 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING:
                 continue  # cancelled or preempted while the step ran
             seq.num_cached = end
+            if self.prefix is not None:
+                self.prefix.register(seq)   # before a finish below frees the blocks
             tok = sampled.get(i)
             if tok is not None:
                 seq.token_ids.append(tok)
@@ -247,4 +282,9 @@ class Scheduler:
             "total_blocks": self.alloc.num_blocks,
             "block_size": self.block_size,
             "preemptions": self.num_preemptions,
+            "prefix_caching": self.prefix is not None,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
+            "prefix_cache_hit_rate": self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
+            "cached_blocks": self.alloc.num_cached,
         }
