@@ -56,7 +56,7 @@ def describe_validation_error(exc: ValidationError | Any) -> tuple[str, str | No
     parts = []
     param = None
     for err in errors[:3]:
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]   # where FastAPI found it
         where = ".".join(loc)
         if param is None and loc:
             param = loc[0]

@@ -87,6 +87,8 @@ def test_end_to_end_local(env):
             assert st["desired"]["live"]["ref"] == "demo:1" and st["desired"]["previous"]["ref"] == "demo:2"
             led = (await c.get("/admin/ledger", headers=AUTH)).json()["entries"]
             assert {"rollback", "promote", "load"} <= {e["action"] for e in led}
+            r = await c.get("/admin/ledger?limit=abc", headers=AUTH)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "limit", r.text
             models = (await c.get("/v1/models")).json()["data"]
             assert [m["id"] for m in models] == ["demo", "demo:1", "demo:2"]
             for m in models:   # what the openai client's models.retrieve(id) asks
