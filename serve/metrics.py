@@ -31,6 +31,7 @@ class _Noop:
 class Metrics:
     def __init__(self, replica: str = ""):
         self.replica = replica
+        self._series: dict[tuple[str, tuple], float] = {}   # gauge series set by `slots`
         try:
             import ray
             from ray.util.metrics import Counter, Gauge, Histogram
@@ -69,23 +70,41 @@ class Metrics:
             self.safety.inc(1, tags)
 
     def slots(self, slot_state: dict, views: dict, weights: dict) -> None:
-        """Gauges from the slot manager's state (bytes held/shared, tier) and the weights."""
-        for slot, view in views.items():
-            tags = {"bundle": view.ref, "slot": slot}
-            info = _slot_info(slot_state, slot)
-            tier = str(info.get("tier", "device"))
-            for kind, key in (("held", "held_bytes"), ("shared", "shared_bytes")):
-                v = info.get(key)
-                if isinstance(v, (int, float)):
-                    self.memory.set(v, {**tags, "tier": tier, "kind": kind})
-            self.weight.set(float(weights.get(slot, 0.0)), tags)
-        for slot, gpu in gpu_bytes_by_slot(slot_state).items():
-            if slot in views:
-                self.memory.set(gpu, {"bundle": views[slot].ref, "slot": slot, "tier": "gpu",
-                                      "kind": "gpu"})
+        """Gauges from the slot manager's state (bytes held/shared, tier) and the weights.
+
+        A series that disappeared (a bundle released, or moved to another slot) is set to 0:
+        Ray gauges cannot drop a series, and a stale one would keep saying e.g. that two
+        bundles each take 100% of live's traffic."""
+        now = slot_series(slot_state, views, weights)
+        for gauge, tags in self._series.keys() - now.keys():
+            getattr(self, gauge).set(0.0, dict(tags))
+        for (gauge, tags), value in now.items():
+            getattr(self, gauge).set(value, dict(tags))
+        self._series = now
 
     def rollback(self, trigger: str) -> None:
         self.rollbacks.inc(1, {"trigger": trigger})
+
+
+def slot_series(slot_state: dict, views: dict, weights: dict) -> dict[tuple[str, tuple], float]:
+    """{(gauge attribute, sorted tag items): value} for the slots that hold a bundle now."""
+    out: dict[tuple[str, tuple], float] = {}
+
+    def put(gauge: str, value: float, **tags) -> None:
+        out[(gauge, tuple(sorted(tags.items())))] = float(value)
+
+    for slot, view in views.items():
+        info = _slot_info(slot_state, slot)
+        tier = str(info.get("tier", "device"))
+        for kind, key in (("held", "held_bytes"), ("shared", "shared_bytes")):
+            v = info.get(key)
+            if isinstance(v, (int, float)):
+                put("memory", v, bundle=view.ref, slot=slot, tier=tier, kind=kind)
+        put("weight", weights.get(slot, 0.0), bundle=view.ref, slot=slot)
+    for slot, gpu in gpu_bytes_by_slot(slot_state).items():
+        if slot in views:
+            put("memory", gpu, bundle=views[slot].ref, slot=slot, tier="gpu", kind="gpu")
+    return out
 
 
 def _slot_info(slot_state: dict, slot: str) -> dict:

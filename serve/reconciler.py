@@ -109,11 +109,7 @@ class Reconciler:
             from slotserve.safety import SafetyFilter
             self.safety = SafetyFilter.from_config(d.safety)
         self.backend.prune()
-        if self.metrics is not None:
-            try:
-                self.metrics.slots(self.slot_state(), self.backend.views(), d.weights)
-            except Exception:
-                pass
+        self.refresh_gauges()
         self._wake.set()
         await self.report()
 

@@ -129,6 +129,7 @@ class Replica(Reconciler, Outbox, EvalGate):
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
+            self.refresh_gauges()   # also before the first state change, and after tier moves
             await self.report()
 
     async def report(self) -> None:
@@ -140,6 +141,13 @@ class Replica(Reconciler, Outbox, EvalGate):
         except Exception as exc:
             log.warning("report failed: %s", exc)
             self.outbox = (events + self.outbox)[-MAX_OUTBOX:]
+
+    def refresh_gauges(self) -> None:
+        if self.metrics is not None and self.desired is not None:
+            try:
+                self.metrics.slots(self.slot_state(), self.backend.views(), self.desired.weights)
+            except Exception as exc:   # metrics must never break serving
+                log.debug("slot gauges not updated: %s", exc)
 
     def _rollout_active(self) -> bool:
         return bool(self.desired and self.desired.rollout_phase in ("pending_eval", "running"))
