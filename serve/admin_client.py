@@ -1,7 +1,8 @@
 """CLI commands that talk to a running server's admin API.
 
     slotserve load REF                    stage REF in the candidate slot on every replica
-    slotserve rollout start SPEC.yaml     start a rollout (strategies and guards: docs/rollout.md)
+    slotserve rollout start SPEC.yaml [--bundle REF]
+                                          start a rollout (strategies and guards: docs/rollout.md)
     slotserve rollout status|promote|abort|resume
     slotserve rollback [--reason TEXT]    previous -> live on every replica
     slotserve state                       slots, tiers and weights on each replica
@@ -50,6 +51,8 @@ def register(subparsers) -> None:
     rs = r.add_subparsers(dest="rollout_cmd", metavar="ACTION", required=True)
     s = rs.add_parser("start", help="start a rollout from a spec file (YAML or JSON)")
     s.add_argument("spec", help="SPEC.yaml")
+    s.add_argument("--bundle", metavar="REF", help="roll out REF instead of the spec's `bundle` "
+                                                  "(one spec file for every version)")
     _common(s)
     s.set_defaults(func=cmd_rollout_start)
     for name, fn, helptext in (("status", cmd_rollout_status, "current step, weights, guard values"),
@@ -144,6 +147,11 @@ def cmd_rollout_start(args) -> int:
                 spec = yaml.safe_load(f)
         except (OSError, yaml.YAMLError) as exc:
             raise AdminError(f"cannot read {args.spec}: {exc}") from None
+        if not isinstance(spec, dict):
+            raise AdminError(f"{args.spec} must hold a rollout spec (a mapping with `bundle`, "
+                             f"`strategy`, ...; see docs/rollout.md)")
+        if args.bundle:
+            spec = {**spec, "bundle": args.bundle}
         data = call(args, "POST", "/admin/rollout", spec)
         if not args.json:
             print(f"rollout started: {_summary(data)}")

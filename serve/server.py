@@ -1,61 +1,193 @@
 """`slotserve serve`: start (or join) Ray, make sure a bundle exists, deploy, block.
 
-With no arguments: a local Ray instance (dashboard on 127.0.0.1:8265), the demo bundle
-built and published if the store has none, loaded as live, the API on
-127.0.0.1:8000. Ctrl-C shuts the app down cleanly. The desired state (live, previous,
-candidate, rollout) is persisted by the controller, so the next `slotserve serve`
-comes back with the same bundles.
+With no arguments: a local Ray instance bound to 127.0.0.1 (dashboard on
+127.0.0.1:8265), the demo bundle built and published if the store has none, loaded as
+live, the API on 127.0.0.1:8000. Ctrl-C (or SIGTERM) shuts the app down cleanly. The
+desired state (live, previous, candidate, rollout) is persisted by the controller, so
+the next `slotserve serve` comes back with the same bundles.
+
+Every option can also come from `--config FILE` (YAML or JSON, keys with `-` or `_`);
+a flag wins over the file, the file over the default. An unknown key or a value of the
+wrong type stops the command before anything starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import re
 import signal
+import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass, fields
 
 DEMO_NAME = "demo"
+
+
+class OptionError(ValueError):
+    """A bad option (flag or --config key); the message names it and what is valid."""
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """The resolved options: flag > --config file > these defaults."""
+
+    bundle: str | None = None
+    replicas: int | None = None            # None: 1 (or autoscaling_config)
+    address: str | None = None             # None: start a local Ray
+    host: str = "127.0.0.1"
+    port: int = 8000
+    dashboard_port: int = 8265
+    store: str | None = None               # None: $SLOTSERVE_HOME
+    memory_budget: str | int | None = None
+    device: str | None = None              # None: cuda when a GPU is visible, else cpu
+    name: str = "slotserve"
+    served_name: str | None = None
+    autoscaling_config: dict | None = None  # config file only: Ray Serve's autoscaling_config
+
+
+# What each option accepts (for the config file; argparse already typed the flags).
+_TYPES: dict[str, tuple[type, ...]] = {
+    "bundle": (str,), "replicas": (int,), "address": (str,), "host": (str,), "port": (int,),
+    "dashboard_port": (int,), "store": (str,), "memory_budget": (str, int), "device": (str,),
+    "name": (str,), "served_name": (str,), "autoscaling_config": (dict,),
+}
+VALID_KEYS = sorted(_TYPES)
+assert set(VALID_KEYS) == {f.name for f in fields(ServeOptions)}
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve bundles over an OpenAI-compatible HTTP API (Ray Serve)",
                               description=__doc__.splitlines()[0])
+    # No defaults here: None means "not given", so a --config file can supply the value
+    # (the defaults live in ServeOptions).
     p.add_argument("--bundle", help="bundle to serve as live when no state is persisted "
                                     "(default: the persisted live, else the demo bundle)")
-    p.add_argument("--replicas", type=int, default=None, help="number of replicas (default 1)")
+    p.add_argument("--replicas", type=int, help="number of replicas (default 1)")
     p.add_argument("--address", help="an existing Ray cluster (e.g. ray://host:10001 or auto); "
-                                     "default: start a local one")
-    p.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    p.add_argument("--dashboard-port", type=int, default=8265)
-    p.add_argument("--config", help="YAML/JSON file with any of these options (flags win)")
+                                     "default: start a local one bound to 127.0.0.1")
+    p.add_argument("--host", help="HTTP host (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    p.add_argument("--dashboard-port", type=int, help="Ray dashboard port of a local Ray (default 8265)")
+    p.add_argument("--config", help=f"YAML/JSON file with any of these options (flags win); "
+                                    f"keys: {', '.join(VALID_KEYS)}")
     p.add_argument("--store", help="bundle store path shared by every node (default $SLOTSERVE_HOME)")
     p.add_argument("--memory-budget", help="cap on what the slots may hold per replica, e.g. 2GiB")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                   help="default: cuda when a GPU is visible, else cpu")
-    p.add_argument("--name", default="slotserve", help="Serve application name")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when a GPU is visible, else cpu")
+    p.add_argument("--name", help="Serve application name (default slotserve)")
     p.add_argument("--served-name", help="logical model name clients send (default: live bundle's name)")
     p.set_defaults(func=run)
 
 
-def _load_config(path: str | None) -> dict:
+# ---------------------------------------------------------------- options
+
+def load_config(path: str | None) -> dict:
+    """The --config file as {option: value}; OptionError for an unreadable file, an
+    unknown key or a value of the wrong type."""
     if not path:
         return {}
     import yaml
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)  # JSON is YAML too
+    except (OSError, yaml.YAMLError) as exc:
+        raise OptionError(f"cannot read --config {path}: {' '.join(str(exc).split())}") from None  # one line
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise SystemExit(f"error: {path} must hold a mapping of options")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+        raise OptionError(f"{path} must hold a mapping of options; valid keys: {', '.join(VALID_KEYS)}")
+    cfg = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in _TYPES:
+            raise OptionError(f"{path}: unknown option {key!r}; valid keys: {', '.join(VALID_KEYS)}")
+        want = _TYPES[name]
+        # bool is an int to Python, never a port or a replica count
+        if value is not None and (not isinstance(value, want) or isinstance(value, bool)):
+            kinds = " or ".join({str: "a string", int: "an integer", dict: "a mapping"}[t] for t in want)
+            raise OptionError(f"{path}: {key} must be {kinds}, got {value!r}")
+        cfg[name] = value
+    return cfg
 
 
-def _opt(args, cfg: dict, name: str, default=None):
-    v = getattr(args, name, None)
-    if v is not None:
-        return v
-    return cfg.get(name, default)
+def resolve_options(args: argparse.Namespace) -> ServeOptions:
+    """Flag > --config file > default, for every option; then check the values."""
+    cfg = load_config(getattr(args, "config", None))
+    given = {}
+    for name in VALID_KEYS:
+        flag = getattr(args, name, None)
+        if flag is not None:
+            given[name] = flag
+        elif cfg.get(name) is not None:
+            given[name] = cfg[name]
+    opts = ServeOptions(**given)
+    for name in ("port", "dashboard_port"):
+        if not 1 <= getattr(opts, name) <= 65535:
+            raise OptionError(f"{name} must be in 1..65535, got {getattr(opts, name)}")
+    if opts.replicas is not None and opts.replicas < 1:
+        raise OptionError(f"replicas must be >= 1, got {opts.replicas}")
+    if opts.device not in (None, "cpu", "cuda"):
+        raise OptionError(f"device must be cpu or cuda, got {opts.device!r}")
+    if not opts.host:
+        raise OptionError("host must not be empty (127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    if opts.memory_budget is not None:
+        from slotserve.memory import parse_size
+        try:
+            parse_size(opts.memory_budget)
+        except ValueError as exc:
+            raise OptionError(f"memory_budget: {exc}") from None
+    return opts
+
+
+# ---------------------------------------------------------------- ports
+
+def port_problem(host: str, port: int, what: str, flag: str) -> str | None:
+    """None if (host, port) can be listened on now, else a one-line error that says
+    how to choose another. A check, not a reservation: the bind itself is handled too."""
+    try:
+        family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        return f"{what}: cannot resolve host {host!r} ({exc.strerror}); choose another with --host"
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        # as the real servers do: a port in TIME_WAIT is free, one with a listener is not
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"{what}: {host}:{port} is already in use; choose another port with {flag}"
+            return f"{what}: cannot listen on {host}:{port} ({exc.strerror}); choose another with --host"
+    return None
+
+
+def bind_failure(exc: BaseException) -> str | None:
+    """The one-line error for Ray failing to bind one of our ports after the check
+    passed (another process took it in between), else None."""
+    text = str(exc)
+    if m := re.search(r"Failed to bind to address '([^']+)'", text):  # Serve's HTTP proxy
+        return f"HTTP API: cannot listen on {m.group(1)} (in use or not available); choose another port with --port"
+    if m := re.search(r"Failed to bind to (\S+) because it's already occupied", text):  # dashboard
+        return f"Ray dashboard: {m.group(1)} is already in use; choose another port with --dashboard-port"
+    return None
+
+
+def keep_ray_on_loopback() -> None:
+    """Make the local Ray instance we start listen on 127.0.0.1 only.
+
+    On Linux Ray replaces the node IP 127.0.0.1 with the machine's outside address
+    (ray._private.services.resolve_ip_for_localhost) and then binds its gRPC servers
+    (GCS, raylet, workers), agents and metrics exporters there or on every interface.
+    It keeps 127.0.0.1 only when it believes the node cannot join a multi-node cluster:
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read when ray is imported (so the constant is
+    set too, in case ray already was). A local instance never takes other nodes; a
+    cluster is joined with --address instead.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray._private.ray_constants as ray_constants
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _default_device() -> str:
@@ -79,74 +211,108 @@ def ensure_bundle(store, ref: str | None) -> str:
     return f"{DEMO_NAME}:{store.registry.latest(DEMO_NAME).version}"
 
 
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+# ---------------------------------------------------------------- the command
+
 def run(args: argparse.Namespace) -> int:
-    cfg = _load_config(args.config)
+    try:
+        opts = resolve_options(args)
+    except OptionError as exc:
+        return _fail(str(exc))
+    started_ray = opts.address is None
+    # Ports first: a busy port should cost a second, not a Ray start and a traceback.
+    # (With --address the proxy runs wherever the cluster puts it: nothing to check here.)
+    if started_ray:
+        for problem in (port_problem(opts.host, opts.port, "HTTP API", "--port"),
+                        port_problem("127.0.0.1", opts.dashboard_port, "Ray dashboard", "--dashboard-port")):
+            if problem:
+                return _fail(problem)
+
     from slotserve.auth import digest, ensure_token
     from slotserve.bundles.manifest import BundleError
     from slotserve.bundles.store import Store
 
-    store_path = _opt(args, cfg, "store")
-    if store_path:
-        os.environ["SLOTSERVE_HOME"] = os.path.abspath(os.path.expanduser(store_path))
+    if opts.store:
+        os.environ["SLOTSERVE_HOME"] = os.path.abspath(os.path.expanduser(opts.store))
     try:
-        store = Store(store_path)
-    except BundleError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    host, port = _opt(args, cfg, "host", "127.0.0.1"), int(_opt(args, cfg, "port", 8000))
-    app_name = _opt(args, cfg, "name", "slotserve")
-    device = _opt(args, cfg, "device") or _default_device()
-    token, token_where = ensure_token(store.root)
-    persisted = (store.root / "serve" / f"{app_name}.json").exists()
-    try:
-        bundle = _opt(args, cfg, "bundle")
-        if not persisted or bundle:
+        store = Store(opts.store)
+        token, token_where = ensure_token(store.root)
+        bundle = opts.bundle
+        if not (store.root / "serve" / f"{opts.name}.json").exists() or bundle:
             bundle = ensure_bundle(store, bundle)
     except BundleError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc))
 
+    if started_ray:
+        keep_ray_on_loopback()
+    import ray
+
+    print("starting Ray ..." if started_ray else f"connecting to Ray at {opts.address} ...", flush=True)
+    try:
+        if started_ray:
+            ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=opts.dashboard_port,
+                     _node_ip_address="127.0.0.1", namespace="slotserve", logging_level="WARNING",
+                     runtime_env={"env_vars": {"SLOTSERVE_HOME": str(store.root)}})
+        else:
+            ray.init(address=opts.address, namespace="slotserve", logging_level="WARNING")
+    except ValueError as exc:
+        if problem := bind_failure(exc):
+            return _fail(problem)
+        raise
+    try:
+        if started_ray and (ip := ray.util.get_node_ip_address()) != "127.0.0.1":
+            print(f"warning: Ray took node address {ip}: its internal ports listen there, "
+                  f"not only on 127.0.0.1 (firewall them)", file=sys.stderr)
+        _serve(opts, store, bundle, digest(token), token_where, started_ray)
+    except Exception as exc:
+        if problem := bind_failure(exc):
+            return _fail(problem)
+        raise
+    finally:
+        ray.shutdown()  # a local Ray takes Serve and the controller with it
+    print("stopped.")
+    return 0
+
+
+def _serve(opts: ServeOptions, store, bundle: str | None, token_sha256: str, token_where: str,
+           started_ray: bool) -> None:
+    """Deploy the app on the connected Ray, print where it is, block until stopped."""
     import ray
     from ray import serve
 
     from slotserve.app import build_app
     from slotserve.controller import get_or_create
 
-    address = _opt(args, cfg, "address")
-    started_ray = address is None
-    dash_port = int(_opt(args, cfg, "dashboard_port", 8265))
-    print("starting Ray ..." if started_ray else f"connecting to Ray at {address} ...", flush=True)
-    if started_ray:
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dash_port,
-                 _node_ip_address="127.0.0.1", namespace="slotserve", logging_level="WARNING",
-                 runtime_env={"env_vars": {"SLOTSERVE_HOME": str(store.root)}})
-    else:
-        ray.init(address=address, namespace="slotserve", logging_level="WARNING")
-    serve.start(http_options={"host": host, "port": port})
-
-    controller = get_or_create(str(store.root), app_name, bundle,
-                               force_bundle=_opt(args, cfg, "bundle") is not None)
-    settings = {"store": str(store.root), "device": device, "app": app_name,
-                "admin_token_sha256": digest(token), "bundle": bundle}
-    if (mb := _opt(args, cfg, "memory_budget")) is not None:
-        settings["memory_budget"] = mb
-    if (sn := _opt(args, cfg, "served_name")) is not None:
-        settings["served_name"] = sn
-    replicas = _opt(args, cfg, "replicas")
-    if replicas is not None:
-        settings["num_replicas"] = int(replicas)
-    if "autoscaling_config" in cfg:
-        settings["autoscaling_config"] = cfg["autoscaling_config"]
+    # SIGTERM from here on means a clean stop (after start-up, if it comes during it), not
+    # a kill that leaves the app deployed.
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    serve.start(http_options={"host": opts.host, "port": opts.port})
+    controller = get_or_create(str(store.root), opts.name, bundle, force_bundle=opts.bundle is not None)
+    settings = {"store": str(store.root), "device": opts.device or _default_device(), "app": opts.name,
+                "admin_token_sha256": token_sha256, "bundle": bundle}
+    if opts.memory_budget is not None:
+        settings["memory_budget"] = opts.memory_budget
+    if opts.served_name is not None:
+        settings["served_name"] = opts.served_name
+    if opts.replicas is not None:
+        settings["num_replicas"] = opts.replicas
+    if opts.autoscaling_config is not None:
+        settings["autoscaling_config"] = opts.autoscaling_config
 
     stop_progress = threading.Event()
     progress = threading.Thread(target=_progress, args=(controller, stop_progress), daemon=True)
     progress.start()
     try:
-        serve.run(build_app(settings), name=app_name, route_prefix="/", blocking=False)
+        serve.run(build_app(settings), name=opts.name, route_prefix="/", blocking=False)
     finally:
         stop_progress.set()
         progress.join(2)
-    url = f"http://{host}:{port}"
+    url = f"http://{opts.host}:{opts.port}"
     state = ray.get(controller.admin_state.remote())
     live = (state["desired"].get("live") or {}).get("ref")
     prev = (state["desired"].get("previous") or {}).get("ref")
@@ -155,24 +321,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"  health     {url}/healthz")
     print(f"  admin API  {url}/admin/state   (Bearer token from {token_where})")
     if started_ray:
-        print(f"  dashboard  http://127.0.0.1:{dash_port}")
+        print(f"  dashboard  http://127.0.0.1:{opts.dashboard_port}")
     print(f"  store      {store.root}")
     print("Ctrl-C to stop.", flush=True)
-
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         while not stop.wait(1.0):
             pass
     except KeyboardInterrupt:
         pass
     print("\nshutting down ...", flush=True)
-    try:
-        serve.delete(app_name)  # replicas finish their in-flight requests
-    finally:
-        ray.shutdown()          # a local Ray takes Serve and the controller with it
-    print("stopped.")
-    return 0
+    serve.delete(opts.name)  # replicas finish their in-flight requests
 
 
 def _progress(controller, stop: threading.Event) -> None:

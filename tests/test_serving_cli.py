@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
+import shlex
+import threading
+from pathlib import Path
+
 import pytest
 
 from slotserve import admin_client
@@ -73,3 +79,95 @@ def test_cli_rollout_status_and_errors(core, capsys, tmp_path):
     assert main(["rollout", "abort", "--reason", "no"]) == 0
     assert main(["rollback"]) == 1  # nothing to roll back to
     assert "nothing to roll back to" in capsys.readouterr().err
+
+
+def test_rollout_start_bundle_overrides_the_spec(core, capsys, tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("bundle: support-bot:2\nstrategy: canary\nsteps: [10, 100]\nbake: 1s\n")
+    assert main(["load", "demo:2"]) == 0
+    assert main(["rollout", "start", str(spec)]) == 1  # the spec's own bundle is not in the store
+    assert "support-bot" in capsys.readouterr().err
+    assert main(["rollout", "start", str(spec), "--bundle", "demo:2"]) == 0
+    capsys.readouterr()
+    assert main(["rollout", "status"]) == 0
+    assert "canary rollout of demo:2" in capsys.readouterr().out
+    spec.write_text("- not a spec\n")
+    assert main(["rollout", "start", str(spec), "--bundle", "demo:2"]) == 1
+    assert "must hold a rollout spec" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the README quick start
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _quick_start_commands() -> list[list[str]]:
+    """The `slotserve ...` lines of the README quick start's second block, in order."""
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    block = next(b for b in blocks if "slotserve rollout start" in b)
+    return [shlex.split(line, comments=True)[1:] for line in block.splitlines()
+            if line.startswith("slotserve ")]
+
+
+@pytest.fixture()
+def served(tmp_path, monkeypatch):
+    """The real app, replica and controller in this process (no Ray) on a store holding
+    only demo:1, as right after `slotserve serve`; the CLI's HTTP calls go to it."""
+    import httpx
+
+    from slotserve.app import create_app
+    from slotserve.auth import digest
+    from slotserve.bundles.demo import publish_demo
+    from slotserve.bundles.store import Store
+    from slotserve.controller import SlotController
+    from slotserve.replica import LocalController, Replica, Settings
+
+    monkeypatch.setenv("SLOTSERVE_HOME", str(tmp_path))
+    monkeypatch.setenv("SLOTSERVE_ADMIN_TOKEN", "qs-token")
+    publish_demo(Store(tmp_path), "demo", seed=0)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def run(coro):
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(300)
+
+    async def start():
+        ctl = SlotController(str(tmp_path), app="qs", bundle="demo:1")
+        rep = Replica(Settings(store=str(tmp_path), app="qs", admin_token_sha256=digest("qs-token")),
+                      LocalController(ctl), replica_id="r1")
+        await rep.start()
+        return rep, httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(rep)),
+                                      base_url="http://test", timeout=300)
+
+    rep, client = run(start())
+
+    def http_call(args, method, path, body=None):
+        r = run(client.request(method, path, json=body, headers={"authorization": "Bearer qs-token"}))
+        return admin_client.admin_result(r, method, path)
+
+    monkeypatch.setattr(admin_client, "call", http_call)
+    try:
+        yield
+    finally:
+        run(client.aclose())
+        run(rep.stop())
+        rep.mgr.close()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def test_readme_quick_start_works_as_written(served, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)  # the README's paths (examples/...) are relative to the checkout
+    commands = _quick_start_commands()
+    assert [c[0] for c in commands] == ["demo-bundle", "load", "rollout", "rollback", "state", "ledger",
+                                        "rollout", "rollout", "drill"]
+    for argv in commands:
+        if argv[0] == "drill":  # runs its own server: tests/test_drill.py
+            continue
+        if argv[0] == "demo-bundle":
+            argv = [str(tmp_path / "demo2") if a == "/tmp/demo2" else a for a in argv]
+        assert main(argv) == 0, (argv, capsys.readouterr().err)
+    out = capsys.readouterr().out
+    assert "published demo:2" in out and "rollout started" in out
+    assert "canary rollout of demo:2 (live demo:1): running, step 1/3" in out
