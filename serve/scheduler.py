@@ -240,7 +240,15 @@ class Scheduler:
             return False
         if hit:
             self.prefix.share(hit)   # before allocating: a fresh allocation must not evict them
-        fresh = self.alloc.allocate_spread(need) if self.spread_blocks else self.alloc.allocate(need)
+        if self.spread_blocks:
+            # In a pool full of cache the allocator also hands out the blocks the remaining
+            # output may need (at most 8), so the sequence grows into consecutive blocks
+            # (see BlockAllocator.allocate_spread); decode uses them before asking for more.
+            final = min(seq.prompt_len + seq.max_tokens - 1, self.max_model_len)
+            room = min(max(blocks_for(final, self.block_size) - blocks_for(len(seq), self.block_size), 0), 8)
+            fresh = self.alloc.allocate_spread(need, room)
+        else:
+            fresh = self.alloc.allocate(need)
         seq.block_table = hit + fresh
         seq.num_cached, seq.num_registered = len(hit) * self.block_size, len(hit)
         self.prompt_tokens += len(seq)

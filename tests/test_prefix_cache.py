@@ -116,6 +116,34 @@ def test_consecutive_preferences_use_empty_blocks_and_clear_forgets_everything()
     assert a.allocate(2) == [0, 1]             # plain free blocks again, lowest id first
 
 
+def test_cpu_spread_in_a_pool_full_of_cache_takes_a_consecutive_window_with_room():
+    a = BlockAllocator(12, BS)
+    tables = [a.allocate(4) for _ in range(3)]          # [0-3] [4-7] [8-11]
+    for t in tables:
+        for b in t:
+            a.register(b, f"k{b}".encode())
+    for t in tables:
+        a.free(t)                                        # 0-3 released first: the oldest
+    got = a.allocate_spread(3, room=1)                   # no empty run of 3: evict a window of 3 + 1
+    assert got == [0, 1, 2, 3]                           # the oldest release, its room held too
+    assert a.num_evicted == 4 and all(a.refcount(b) == 1 for b in got)
+    assert a.lookup(b"k4") == 4 and a.lookup(b"k11") == 11
+    a.free(got)                                          # 0-3 come back holding nothing cached
+    got = a.allocate_spread(6)                           # largest empty run is 4: a window of 6
+    assert got == [0, 1, 2, 3, 4, 5]                     # the fewest cached blocks to evict (4, 5)
+    assert a.lookup(b"k4") is None and a.lookup(b"k5") is None and a.lookup(b"k6") == 6
+    # fewer cached blocks beats older ones: evicting one recent block, not two old ones
+    c = BlockAllocator(6, BS)
+    held = c.allocate(6)
+    for b in (0, 1, 3):
+        c.register(b, f"k{b}".encode())
+    c.free([0, 1])                                       # oldest release
+    c.free([4])                                          # nothing cached
+    c.free([3])                                          # newest release; 2 and 5 stay held
+    assert c.allocate_spread(2) == [3, 4] and c.lookup(b"k0") == 0 and c.lookup(b"k3") is None
+    assert held[2] == 2 and c.refcount(2) == 1
+
+
 def test_keys_are_chained_sha256_over_the_whole_prefix():
     p = list(range(3, 3 + 3 * BS))
     keys = prefix_keys(p, BS, 3)
@@ -309,6 +337,23 @@ def test_full_pool_of_cached_blocks_still_admits_and_evicted_blocks_never_match(
         assert hits(eng)[1] - before[1] == BS   # A's first block still cached, its evicted second not
     assert want_a == again == parity.hf_greedy(hf, a, 8)
     assert want_b == parity.hf_greedy(hf, b, 8)
+
+
+def test_a_pool_full_of_cache_keeps_cpu_tables_consecutive(llama):
+    # 12 blocks; each request: 40 prompt + 20 new -> 4 blocks (3 full, registered). From the
+    # fourth request on, the pool holds only cached blocks and one empty block per earlier
+    # request; block-by-block LRU eviction would give scattered tables (the CPU decode then
+    # gathers), the window eviction gives consecutive ones, the growth block included.
+    hf, path = llama
+    ps = [[1] + toks(39, seed=50 + i) for i in range(7)]
+    seen = []
+    with Engine.from_pretrained(path, kv_cache_tokens=192) as eng:
+        eng.step_hook = lambda: seen.extend(list(s.block_table) for s in eng.scheduler.running)
+        outs = [eng.generate([p], greedy(20, ignore_eos=True))[0] for p in ps]
+        assert eng.allocator.num_evicted > 0 and eng.stats()["cached_blocks"] > 0
+    assert seen and all(t == list(range(t[0], t[0] + len(t))) for t in seen), seen
+    with Engine.from_pretrained(path, kv_cache_tokens=2048, enable_prefix_caching=False) as off:
+        assert outs == [off.generate([p], greedy(20, ignore_eos=True))[0] for p in ps]
 
 
 def test_preemption_with_shared_prefixes_matches_a_big_pool(llama):
