@@ -64,8 +64,8 @@ def register(subparsers) -> None:
                               description=__doc__.splitlines()[0])
     # No defaults here: None means "not given", so a --config file can supply the value
     # (the defaults live in ServeOptions).
-    p.add_argument("--bundle", help="bundle to serve as live when no state is persisted "
-                                    "(default: the persisted live, else the demo bundle)")
+    p.add_argument("--bundle", help="bundle to serve as live; it replaces a different persisted live, "
+                                    "which stays warm as previous (default: the persisted live, else the demo bundle)")
     p.add_argument("--replicas", type=int, help="number of replicas (default 1)")
     p.add_argument("--address", help="an existing Ray cluster (e.g. ray://host:10001 or auto); "
                                      "default: start a local one bound to 127.0.0.1")

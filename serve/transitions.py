@@ -54,7 +54,7 @@ def seed(state: DesiredState, bundle: SlotRef, asked: str, force: bool) -> Trans
     """`serve --bundle` (or a Serve config's `bundle`) at start: it becomes live when the
     persisted state has none; with `force` (an explicit `serve --bundle`) it replaces a
     different persisted live, which is kept warm as previous. Otherwise nothing."""
-    why = f"serve --bundle {asked}"
+    why = f"serve --bundle {asked}" if force else f"initial live {asked}"
     if state.live is None:
         return Transition(why, {"live": bundle},
                           (LedgerRow("load", bundle.ref, to=bundle.ref, reason=f"initial live ({asked})"),))
