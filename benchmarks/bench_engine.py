@@ -25,7 +25,6 @@ import random
 import statistics
 import sys
 import tempfile
-import threading
 import time
 
 from slotserve import openmp
@@ -124,7 +123,9 @@ def workload(n, rate, vocab, seed, prompt_range, gen_range):
     return reqs
 
 
-def run_engine(eng, reqs):
+def submit_on_arrival(eng, reqs):
+    """Submit each (arrival s, prompt, new tokens) greedily at its arrival time and wait for
+    all -> (t0, [(absolute arrival time, finished handle)])."""
     handles = []
     t0 = time.perf_counter()
     for at, prompt, n in reqs:
@@ -134,6 +135,11 @@ def run_engine(eng, reqs):
         handles.append((t0 + at, eng.submit(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))))
     for _, h in handles:
         h.result()
+    return t0, handles
+
+
+def run_engine(eng, reqs):
+    t0, handles = submit_on_arrival(eng, reqs)
     end = max(h.finished_at for _, h in handles)
     tokens = sum(len(h.output_ids) for _, h in handles)
     return {"tok_s": tokens / (end - t0 - reqs[0][0]), "tokens": tokens,

@@ -41,7 +41,7 @@ openmp.configure()   # before torch loads (see slotserve.openmp), as bench_engin
 
 import torch  # noqa: E402
 
-from bench_engine import SIZES, build  # noqa: E402  (benchmarks/ is the script's directory)
+from bench_engine import SIZES, build, submit_on_arrival  # noqa: E402  (benchmarks/ is the script's directory)
 from slotserve.engine import Engine, SamplingParams  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -64,15 +64,7 @@ def timed(eng, reqs):
     """Submit `reqs` at their arrival times -> (metrics as bench_engine's run_engine reports
     them + this run's prefix-cache counters, outputs)."""
     before, evicted = eng.stats(), eng.allocator.num_evicted
-    handles = []
-    t0 = time.perf_counter()
-    for at, prompt, n in reqs:
-        delay = t0 + at - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        handles.append((t0 + at, eng.submit(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))))
-    for _, h in handles:
-        h.result()
+    t0, handles = submit_on_arrival(eng, reqs)
     end = max(h.finished_at for _, h in handles)
     ttft = sorted(h.first_token_at - at for at, h in handles)
     after = eng.stats()
