@@ -10,15 +10,20 @@ from typing import Literal
 from slotserve.api_model import ApiModel
 
 
+class PromptTokensDetails(ApiModel):
+    cached_tokens: int = 0       # prompt tokens whose KV came from the prefix cache
+
+
 class Usage(ApiModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
     @classmethod
-    def of(cls, prompt: int, completion: int) -> "Usage":
-        return cls(prompt_tokens=prompt, completion_tokens=completion,
-                   total_tokens=prompt + completion)
+    def of(cls, prompt: int, completion: int, cached: int = 0) -> "Usage":
+        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 FinishReason = Literal["stop", "length"]

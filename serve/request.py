@@ -100,6 +100,12 @@ class RequestHandle:
         return self.finish_reason is not None
 
     @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens served from the prefix cache when the request was first scheduled."""
+        seq = self._seq
+        return (seq.cached_prompt_tokens or 0) if seq is not None else 0
+
+    @property
     def ttft(self) -> float | None:
         """Seconds from submit to the first token."""
         return None if self.first_token_at is None else self.first_token_at - self.submitted_at

@@ -101,7 +101,7 @@ class Run:
         return "length" if reason == "length" else "stop"
 
     def usage(self) -> Usage:
-        return Usage.of(len(self.prep.prompt_ids), len(self.stream.ids))
+        return Usage.of(len(self.prep.prompt_ids), len(self.stream.ids), getattr(self.handle, "cached_tokens", 0))
 
     # -- whole responses
 
@@ -178,6 +178,10 @@ class _Resume:
     @property
     def finish_reason(self):
         return getattr(self._h, "finish_reason", None)
+
+    @property
+    def cached_tokens(self) -> int:
+        return getattr(self._h, "cached_tokens", 0)
 
     def cancel(self):
         self._h.cancel()

@@ -57,6 +57,7 @@ class Sequence:
     handle: object = None             # the engine's RequestHandle (opaque here)
     block_keys: list[bytes] = field(default_factory=list)   # prefix-cache keys of full blocks, computed once
     num_registered: int = 0           # leading blocks of block_table already in the prefix cache (or refused)
+    cached_prompt_tokens: int | None = None   # prompt tokens its first admission took from the prefix cache
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -253,6 +254,8 @@ class Scheduler:
         seq.num_cached, seq.num_registered = len(hit) * self.block_size, len(hit)
         self.prompt_tokens += len(seq)
         self.cached_prompt_tokens += seq.num_cached
+        if seq.cached_prompt_tokens is None:   # what the client is told (usage.prompt_tokens_details)
+            seq.cached_prompt_tokens = seq.num_cached
         return True
 
     # --- after the step ----------------------------------------------------------------------

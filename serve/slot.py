@@ -117,6 +117,10 @@ class SlotRequest:
     def done(self) -> bool:
         return self._handle.done
 
+    @property
+    def cached_tokens(self) -> int:
+        return getattr(self._handle, "cached_tokens", 0)
+
     def _leave(self) -> None:
         if not self._exited:
             self._exited = True

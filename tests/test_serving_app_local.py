@@ -105,6 +105,17 @@ def test_end_to_end_local(env):
             r = await c.post("/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 2,
                                                       "echo": None, "stream": None})
             assert r.status_code == 200, r.text
+            # usage says how much of the prompt the prefix cache served (as vLLM and OpenAI do)
+            long = {"model": "demo:1", "max_tokens": 2, "temperature": 0,
+                    "messages": [{"role": "user", "content": "the same long question " * 20}]}
+            first = (await c.post("/v1/chat/completions", json=long)).json()["usage"]
+            again = (await c.post("/v1/chat/completions", json=long)).json()["usage"]
+            n = again["prompt_tokens"]
+            assert first["prompt_tokens"] == n > 32
+            # the first shares only the chat template's opening with earlier requests; the
+            # repeat gets every whole block but the one holding its last token (computed anew)
+            assert first["prompt_tokens_details"]["cached_tokens"] < n // 2
+            assert again["prompt_tokens_details"]["cached_tokens"] == (n - 1) // 16 * 16, again
         finally:
             await c.aclose()
             await rep.stop()
