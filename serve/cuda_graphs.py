@@ -112,10 +112,11 @@ class DecodeGraphs:
                 self.graphs[bs] = g
             stream.synchronize()
 
-    def run(self, runner, seqs) -> torch.Tensor:
-        b = len(seqs)
+    def run(self, runner, batch) -> torch.Tensor:
+        """Replay the graph for a decode-only `batch` (scheduler.Batch) padded to a captured size."""
+        b = batch.num_decode
         bs = next(s for s in self.sizes if s >= b)
-        ids, pos, slots, tables, lens = runner.decode_inputs(seqs)
+        ids, pos, slots, tables, lens = runner.decode_inputs(batch)
         width = len(tables[0])
         host = torch.tensor([ids, pos, slots, lens], dtype=torch.int64).pin_memory()
         dev = host.to(self.ids.device, non_blocking=True)

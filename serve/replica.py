@@ -37,7 +37,7 @@ from slotserve.handler import Handler
 from slotserve.outbox import MAX_OUTBOX, Outbox, _jsonable
 from slotserve.reconciler import Reconciler
 from slotserve.replica_settings import Settings, make_manager
-from slotserve.response_ids import ResponseIds, key_for
+from slotserve.response_ids import ResponseIds
 from slotserve.slots_backend import SlotsBackend
 
 __all__ = ["MAX_OUTBOX", "LocalController", "RayController", "Replica", "Settings", "SlotsBackend"]
@@ -62,7 +62,7 @@ class Replica(Reconciler, Outbox, EvalGate):
         self.backend = SlotsBackend(mgr)
         self.metrics = metrics
         # every replica of the app derives the same id-signing key from the admin token
-        ids = ResponseIds(key_for(TokenCheck(settings.admin_token_sha256, settings.store).expected_sha()))
+        ids = ResponseIds(TokenCheck(settings.admin_token_sha256, settings.store).expected_sha)
         self.handler = Handler(self.backend, observe=self._observe, on_shadow=self.shadow, ids=ids)
         self.desired: DesiredState | None = None
         self._latest: DesiredState | None = None     # newest state seen (may be being applied)

@@ -7,8 +7,10 @@ no admin token) must count only responses this app actually gave, each at most o
 
 The HMAC covers everything before it, under a key every replica of an app derives from
 the same secret (the admin token's sha256, which the replicas are given), so any replica
-can check an id another one issued, with no shared state. Without an admin token the key
-is random per process: ids then check only on the replica that issued them.
+can check an id another one issued, with no shared state. The secret is read at every
+use, so a rotated token re-keys at once (ids issued before then are refused, like the old
+token). Without an admin token the key is random per process: ids then check only on the
+replica that issued them.
 
 `RatedOnce` remembers the latest ids rated (bounded memory): each replica answers a
 repeat with 409, and the controller, where every replica's feedback meets, drops repeats
@@ -23,23 +25,34 @@ import re
 import secrets
 import uuid
 from collections import OrderedDict
+from typing import Callable
 
-_ID = re.compile(r"^(?P<body>[a-z]+-[0-9a-f]{24}-(?P<digest>[0-9a-f]{16})-(?P<slot>[a-z_]{1,32}))-(?P<mac>[0-9a-f]{16})$")
+# matched whole (fullmatch): a trailing newline or space would make a second spelling of
+# one id, and ids are deduplicated by their text
+_ID = re.compile(r"(?P<body>[a-z]+-[0-9a-f]{24}-(?P<digest>[0-9a-f]{16})-(?P<slot>[a-z_]{1,32}))-(?P<mac>[0-9a-f]{16})")
 
 
-def key_for(admin_token_sha256: str | None) -> bytes:
-    """The app's id-signing key: derived from the admin token's digest, else random."""
-    if not admin_token_sha256:
-        return secrets.token_bytes(32)
+def key_for(admin_token_sha256: str) -> bytes:
+    """The app's id-signing key, derived from the admin token's digest."""
     return hmac.new(admin_token_sha256.encode(), b"slotserve response ids v1", hashlib.sha256).digest()
 
 
 class ResponseIds:
-    def __init__(self, key: bytes | None = None):
-        self._key = key or secrets.token_bytes(32)
+    """`secret()` -> the admin token's sha256 or None, asked at every use."""
+
+    def __init__(self, secret: Callable[[], str | None] | None = None):
+        self._secret = secret or (lambda: None)
+        self._random = secrets.token_bytes(32)        # the key while no secret is configured
+        self._cached: tuple[str | None, bytes] = (None, self._random)
+
+    def _key(self) -> bytes:
+        s = self._secret()
+        if s != self._cached[0]:
+            self._cached = (s, key_for(s) if s else self._random)
+        return self._cached[1]
 
     def _mac(self, body: str) -> str:
-        return hmac.new(self._key, body.encode(), hashlib.sha256).hexdigest()[:16]
+        return hmac.new(self._key(), body.encode(), hashlib.sha256).hexdigest()[:16]
 
     def issue(self, prefix: str, digest: str, slot: str) -> str:
         """A new id for a response of the bundle with `digest` ("sha256:…") answered from `slot`."""
@@ -48,7 +61,7 @@ class ResponseIds:
 
     def check(self, rid: str) -> tuple[str, str] | None:
         """(16-hex digest prefix, slot) of an id this app issued; None for anything else."""
-        m = _ID.match(rid)
+        m = _ID.fullmatch(rid)
         if m is None or not hmac.compare_digest(m["mac"], self._mac(m["body"])):
             return None
         return m["digest"], m["slot"]

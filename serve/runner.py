@@ -40,16 +40,16 @@ class LeanRunner:
         """-> logits [R, V] fp32 of the sampling rows, in batch order."""
         dev = self.device
         nd = batch.num_decode
-        dec = batch.seqs[:nd]
         if nd == len(batch.seqs) and self.graphs is not None and nd <= self.graphs.max_batch:
-            return self.graphs.run(self, dec)
-        ids, pos, slots, tables, lens = self.decode_inputs(dec) if nd else ([], [], [], [], [])
+            return self.graphs.run(self, batch)
+        ids, pos, slots, tables, lens = self.decode_inputs(batch) if nd else ([], [], [], [], [])
         seqs, rows = [], list(range(nd))
-        for seq, start, end, samples in zip(batch.seqs[nd:], batch.starts[nd:], batch.ends[nd:], batch.samples[nd:]):
-            seqs.append((len(ids), start, end, torch.tensor(seq.block_table, dtype=torch.int64, device=dev)))
+        for seq, start, end, samples, table in zip(batch.seqs[nd:], batch.starts[nd:], batch.ends[nd:],
+                                                   batch.samples[nd:], batch.tables[nd:]):
+            seqs.append((len(ids), start, end, torch.tensor(table, dtype=torch.int64, device=dev)))
             ids += seq.token_ids[start:end]
             pos += range(start, end)
-            slots += self._slots(seq.block_table, start, end)
+            slots += self._slots(table, start, end)
             if samples:
                 rows.append(len(ids) - 1)
         meta = StepMeta(nd, torch.tensor(slots, dtype=torch.int64, device=dev), seqs=seqs)
@@ -67,13 +67,15 @@ class LeanRunner:
             h, res = h.index_select(0, r), res.index_select(0, r)
         return self.model.logits(h, res)
 
-    def decode_inputs(self, seqs, width: int | None = None):
-        """Host-side decode inputs: ids, positions, slots, block_tables (padded to `width`), seq_lens."""
-        bs = self.block_size
-        pos = [s.num_cached for s in seqs]
+    def decode_inputs(self, batch, width: int | None = None):
+        """Host-side inputs of the batch's decode rows: ids, positions, slots, block_tables
+        (padded to `width`), seq_lens; from the batch's snapshot, never the live sequences
+        (a cancel may release one while the step runs)."""
+        bs, nd = self.block_size, batch.num_decode
+        seqs, pos, tbls = batch.seqs[:nd], batch.starts[:nd], batch.tables[:nd]
         ids = [s.token_ids[p] for s, p in zip(seqs, pos)]
-        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)]
-        width = width or max(len(s.block_table) for s in seqs)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        slots = [t[p // bs] * bs + p % bs for t, p in zip(tbls, pos)]
+        width = width or max(len(t) for t in tbls)
+        tables = [t + [0] * (width - len(t)) for t in tbls]
         lens = [p + 1 for p in pos]
         return ids, pos, slots, tables, lens

@@ -89,6 +89,11 @@ class Batch:
     starts: list[int]
     ends: list[int]
     num_decode: int = 0
+    # Each row's block table as scheduled. The runner builds the step's inputs from these
+    # (and starts/ends) outside the engine lock, while a cancel may release a sequence:
+    # that empties its live `block_table` and zeroes `num_cached` (the step still writes
+    # into the released blocks, harmlessly: nothing can reuse them before the next schedule).
+    tables: list[list[int]] = field(default_factory=list)
 
     @property
     def kind(self) -> str:
@@ -189,7 +194,7 @@ class Scheduler:
         self._schedule_prefill(seqs, starts, ends)
         if not seqs:
             return None
-        return Batch(seqs, starts, ends, num_decode)
+        return Batch(seqs, starts, ends, num_decode, [list(s.block_table) for s in seqs])
 
     def _schedule_decode(self, seqs, starts, ends) -> None:
         todo = deque(self.running)
@@ -245,7 +250,7 @@ class Scheduler:
             # In a pool full of cache the allocator also hands out the blocks the remaining
             # output may need (at most 8), so the sequence grows into consecutive blocks
             # (see BlockAllocator.allocate_spread); decode uses them before asking for more.
-            final = min(seq.prompt_len + seq.max_tokens - 1, self.max_model_len)
+            final = min(seq.prompt_len + seq.max_tokens - 1, self.max_model_len - 1)   # tokens ever stored
             room = min(max(blocks_for(final, self.block_size) - blocks_for(len(seq), self.block_size), 0), 8)
             fresh = self.alloc.allocate_spread(need, room)
         else:

@@ -413,6 +413,34 @@ def test_cancel_mid_prefill_registers_no_partial_or_unfinished_block(llama):
     assert out == parity.hf_greedy(hf, p, 4)
 
 
+@pytest.mark.parametrize("caching", [False, True])
+@pytest.mark.parametrize("at_step", [1, 3])    # a prefill step, a decode step
+def test_a_cancel_while_a_step_builds_its_inputs_fails_nobody_else(llama, caching, at_step):
+    """`step_hook` runs after schedule() released the lock and before the runner reads the
+    batch: exactly where a client's cancel can land. The runner reads the batch's snapshot
+    of block tables and positions, not the released sequence (review finding: the other
+    requests of that step failed with an IndexError)."""
+    hf, path = llama
+    a, b = [1] + toks(40, seed=21), [1] + toks(30, seed=22)
+    with Engine.from_pretrained(path, kv_cache_tokens=512, enable_prefix_caching=caching) as eng:
+        box = []
+
+        def on_step(n):
+            if n == at_step:
+                box[0].cancel()
+
+        _steps_hook(eng, on_step)
+        box += [eng.submit(a, greedy(6)), eng.submit(b, greedy(6))]
+        for h in box:
+            h.wait(30)
+        assert box[0].finish_reason == "cancelled"
+        assert box[1].error is None and box[1].finish_reason == "length"
+        assert box[1].output_ids == parity.hf_greedy(hf, b, 6)
+        wait_until(lambda: not eng._in_step)
+        st = eng.stats()
+        assert st["free_blocks"] == st["total_blocks"]
+
+
 def test_failed_step_and_nan_logits_register_nothing(llama):
     hf, path = llama
     p = [1] + toks(63, seed=14)
@@ -538,3 +566,20 @@ def test_cuda_graphs_and_triton_decode_with_shared_blocks(llama):
         rest = on.generate(ps[1:], greedy(16))                      # three hits decoding together
         assert hits(on)[1] == 3 * 64
     assert [first] + rest == want
+
+
+@pytest.mark.parametrize("max_model_len", [64, 65])
+def test_cpu_growth_room_stops_at_the_last_token_ever_stored(llama, max_model_len):
+    """With cache in the pool, a CPU sequence is given room for its output up front; at most
+    max_model_len - 1 tokens are ever stored (the last sampled one never is), so no room
+    block beyond them (review finding: 65 got 5 blocks of 16 for 64 tokens)."""
+    hf, path = llama
+    with Engine.from_pretrained(path, kv_cache_tokens=1024, max_model_len=max_model_len) as eng:
+        eng.generate([[1] + [9] * 20], greedy(2))     # leaves a cached free block: room is handed out
+        h = eng.submit([1, 5, 6, 7], greedy(500))
+        wait_until(lambda: h.output_ids or h.done)
+        with eng._cond:
+            held = len(h._seq.block_table)
+        h.result()
+        assert held == -(-(max_model_len - 1) // BS)
+        assert len(h.output_ids) == max_model_len - 4 and h.finish_reason == "length"

@@ -250,10 +250,11 @@ def feedback_error(h, rid):
 
 
 def test_feedback_counts_only_ids_this_app_issued_and_each_once():
-    from slotserve.response_ids import ResponseIds, key_for
+    from slotserve.response_ids import ResponseIds
 
     v = view()
-    key = key_for("ab" * 32)
+    secret = {"sha": "ab" * 32}
+    key = lambda: secret["sha"]   # noqa: E731  (what TokenCheck.expected_sha answers)
     h = Handler(Backend({"live": v}, {"live": "x"}), ids=ResponseIds(key))
     rid = h.response_id(v, "live")
     assert h.feedback(FeedbackRequest(id=rid, rating="down"))[0] == "live"
@@ -263,6 +264,7 @@ def test_feedback_counts_only_ids_this_app_issued_and_each_once():
     digest16 = v.digest.split(":")[-1][:16]
     body, mac = rid.rsplit("-", 1)
     for forged in (f"chatcmpl-{'0' * 24}-{digest16}-live-{'0' * 16}", f"chatcmpl-FAKE-{digest16}",
+                   rid + "\n", rid + " ", " " + rid, rid.upper(),   # second spellings of a rated id
                    body.replace("-live", "-candidate") + "-" + mac, "chatcmpl-" + "f" * 24 + body[33:] + "-" + mac):
         assert feedback_error(h, forged).status == 404, forged
     # Another replica of the same app (same key) accepts an id this one issued, once;
@@ -270,8 +272,13 @@ def test_feedback_counts_only_ids_this_app_issued_and_each_once():
     other = Handler(Backend({"live": v}, {"live": "x"}), ids=ResponseIds(key))
     rid2 = h.response_id(v, "live")
     assert other.feedback(FeedbackRequest(id=rid2, rating="up"))[0] == "live"
-    stranger = Handler(Backend({"live": v}, {"live": "x"}), ids=ResponseIds(key_for("cd" * 32)))
+    stranger = Handler(Backend({"live": v}, {"live": "x"}), ids=ResponseIds(lambda: "cd" * 32))
     assert feedback_error(stranger, h.response_id(v, "live")).status == 404
+    # Rotating the admin token re-keys at once: ids signed with the old token are refused.
+    old_id = h.response_id(v, "live")
+    secret["sha"] = "ef" * 32
+    assert feedback_error(h, old_id).status == 404
+    assert h.feedback(FeedbackRequest(id=h.response_id(v, "live"), rating="up"))[0] == "live"
 
 
 def test_feedback_goes_to_the_slot_that_answered_while_it_holds_that_bundle():
