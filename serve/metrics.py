@@ -15,6 +15,7 @@ depend on Ray.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 log = logging.getLogger("slotserve.metrics")
@@ -113,13 +114,21 @@ def _slot_info(slot_state: dict, slot: str) -> dict:
     return info if isinstance(info, dict) else {}
 
 
-def gpu_bytes_by_slot(slot_state: dict) -> dict[str, int]:
-    """GPU bytes per slot where a GPU is present (pynvml for the device total; the slot
-    manager's per-slot figures split it). Empty without a GPU."""
+@functools.lru_cache(maxsize=1)
+def _has_nvml() -> bool:
+    """Whether NVML (a GPU driver) answers; asked once, not at every gauge refresh."""
     try:
         import pynvml
         pynvml.nvmlInit()
+        return True
     except Exception:
+        return False
+
+
+def gpu_bytes_by_slot(slot_state: dict) -> dict[str, int]:
+    """GPU bytes per slot where a GPU is present (pynvml for the device total; the slot
+    manager's per-slot figures split it). Empty without a GPU."""
+    if not _has_nvml():
         return {}
     out = {}
     for slot in ("live", "previous", "candidate"):

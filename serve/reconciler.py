@@ -109,9 +109,8 @@ class Reconciler:
             from slotserve.safety import SafetyFilter
             self.safety = SafetyFilter.from_config(d.safety)
         self.backend.prune()
-        self.refresh_gauges()
         self._wake.set()
-        await self.report()
+        await self.report()   # (refreshes the slot gauges too)
 
     def _route(self, d: DesiredState) -> None:
         self.handler.routing = Routing(

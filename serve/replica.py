@@ -129,23 +129,26 @@ class Replica(Reconciler, Outbox, EvalGate):
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
-            self.refresh_gauges()   # also before the first state change, and after tier moves
             await self.report()
 
     async def report(self) -> None:
         events, self.outbox = self.outbox, []
+        status = self.status()
+        # every report refreshes the slot gauges from the state it sends: so they exist
+        # before the first state change and follow tier moves
+        self.refresh_gauges(status["slots"])
         try:
-            await self.controller.call("report", self.id, self.status(), events)
+            await self.controller.call("report", self.id, status, events)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.warning("report failed: %s", exc)
             self.outbox = (events + self.outbox)[-MAX_OUTBOX:]
 
-    def refresh_gauges(self) -> None:
+    def refresh_gauges(self, slot_state: dict) -> None:
         if self.metrics is not None and self.desired is not None:
             try:
-                self.metrics.slots(self.slot_state(), self.backend.views(), self.desired.weights)
+                self.metrics.slots(slot_state, self.backend.views(), self.desired.weights)
             except Exception as exc:   # metrics must never break serving
                 log.debug("slot gauges not updated: %s", exc)
 
