@@ -113,11 +113,10 @@ def start_local(replicas: int):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    from slotserve.server import keep_ray_on_loopback
-    keep_ray_on_loopback()   # else Ray swaps 127.0.0.1 for the outside address
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", namespace="slotserve-bench",
-             logging_level="ERROR", log_to_driver=False,
-             runtime_env={"env_vars": {"SLOTSERVE_HOME": str(root)}})
+    from slotserve.server import start_local_ray
+    start_local_ray(root / "run", include_dashboard=False, namespace="slotserve-bench",
+                    logging_level="ERROR", log_to_driver=False,
+                    runtime_env={"env_vars": {"SLOTSERVE_HOME": str(root)}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     token = "bench-token"
     serve.run(build_app({"store": str(root), "bundle": "demo:1", "app": "bench",

@@ -42,7 +42,8 @@ class Store(BundleVerification, BundlePublishing):
     """A bundle store at `root`; `create=False` refuses a directory that holds none yet."""
 
     def __init__(self, root: str | Path | None = None, *, create: bool = True):
-        self.root = Path(root).expanduser() if root is not None else default_root()
+        # absolute: Ray starts from another directory (slotserve.server.neutral_cwd)
+        self.root = (Path(root).expanduser() if root is not None else default_root()).absolute()
         try:
             self._prepare(create)
         except PermissionError as exc:

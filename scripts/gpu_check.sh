@@ -16,15 +16,18 @@ out=${1:?usage: scripts/gpu_check.sh OUT_DIR [kernels|tests|engine|all]}
 what=${2:-all}
 mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation -e .
+# Console scripts, never `python -m pytest` from the root: that would put ./kernels on
+# sys.path, shadowing the `kernels` package transformers imports.
+bin=$(python3 -P -c 'import os, sys; print(os.path.dirname(sys.executable))')
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.csv"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/gpu.csv"
+python3 -P -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/gpu.csv"
 
 if [[ $what == kernels || $what == all ]]; then
   python3 benchmarks/bench_kernels.py --check --json "$out/kernels.json" 2>&1 | tee "$out/kernels.txt"
 fi
 if [[ $what == tests || $what == all ]]; then
-  python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$out/tests.txt"
-  python3 -m pytest -q -p no:cacheprovider tests/test_kernels_*.py 2>&1 | tee -a "$out/tests.txt"
+  "$bin/pytest" -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$out/tests.txt"
+  "$bin/pytest" -q -p no:cacheprovider tests/test_kernels_*.py 2>&1 | tee -a "$out/tests.txt"
 fi
 if [[ $what == engine || $what == all ]]; then
   python3 benchmarks/bench_engine.py --device cuda --model-size 1b --json "$out/engine.json" 2>&1 \

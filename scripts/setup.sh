@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# One-command set-up: a virtual environment in .venv with slotserve installed editable.
+# One-command set-up: a virtual environment in .venv with slotserve installed editable,
+# every package at the exact version in requirements.lock (refresh it with scripts/lock.sh).
 # Idempotent: a second run only checks a stamp and returns in about a second.
-# torch is pinned here so pip never pulls a multi-GB CUDA build onto a CPU machine:
-# override with SLOTSERVE_TORCH="torch==X --index-url ..." on a GPU host.
+#
+# SLOTSERVE_TORCH_BUILD picks torch's build: cpu (the default: never a multi-GB CUDA
+# build by accident) or a CUDA build such as cu128 or cu130. The version is the one in
+# scripts/torch-version, shared with Dockerfile.cuda and the GPU workflow. The build comes
+# from https://download.pytorch.org/whl/<build> (SLOTSERVE_TORCH_INDEX names a mirror), or
+# from wherever pip is configured to find it (on the CI machine: a CPU wheel on disk).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-TORCH_SPEC=${SLOTSERVE_TORCH:-torch==2.13.0}
-stamp_src="$(cat pyproject.toml scripts/setup.sh; echo "$TORCH_SPEC")"
-stamp=$(printf '%s' "$stamp_src" | sha256sum | cut -c1-16)
+TORCH_VERSION=$(cat scripts/torch-version)
+TORCH_BUILD=${SLOTSERVE_TORCH_BUILD:-cpu}
+TORCH_INDEX=${SLOTSERVE_TORCH_INDEX:-https://download.pytorch.org/whl/$TORCH_BUILD}
+stamp=$(cat pyproject.toml requirements.lock scripts/setup.sh scripts/torch-version \
+        <(echo "$TORCH_BUILD $TORCH_INDEX") | sha256sum | cut -c1-16)
 
 if [ -f .venv/.slotserve-stamp ] && [ "$(cat .venv/.slotserve-stamp)" = "$stamp" ] \
    && .venv/bin/python -c "import slotserve, torch" 2>/dev/null; then
@@ -16,10 +23,21 @@ if [ -f .venv/.slotserve-stamp ] && [ "$(cat .venv/.slotserve-stamp)" = "$stamp"
   exit 0
 fi
 
+quiet() { grep -vE '^WARNING: (Location|Retrying)|BuildBackendWarning|^ +|^$|!!' || true; }
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-# torch first and pinned, so the dependency range in pyproject is already satisfied.
-.venv/bin/python -m pip install -q $TORCH_SPEC 2>&1 | grep -v '^WARNING: Location' || true
-.venv/bin/python -m pip install -q -e ".[dev]" 2>&1 | grep -vE "^WARNING: Location|BuildBackendWarning|^ +|^$|!!" || true
-.venv/bin/python -c "import slotserve, torch, transformers, ray, triton; print('setup: torch', torch.__version__, '| ray', ray.__version__, '| triton', triton.__version__)"
+pip=(.venv/bin/python -m pip -q)
+"${pip[@]}" install --upgrade pip 2>&1 | quiet
+# torch first, as its own build: the lock then finds `torch==X` satisfied by `X+<build>`.
+# The CPU build's dependencies are all in the lock; a CUDA build brings its nvidia-* and
+# triton packages, which torch pins exactly itself.
+if [ "$TORCH_BUILD" = cpu ]; then
+  "${pip[@]}" install --no-deps --retries 1 "torch==$TORCH_VERSION+cpu" --extra-index-url "$TORCH_INDEX" 2>&1 | quiet
+else
+  "${pip[@]}" install "torch==$TORCH_VERSION+$TORCH_BUILD" --extra-index-url "$TORCH_INDEX" 2>&1 | quiet
+fi
+# Everything else at its locked version, without resolving anything anew: an upstream
+# release cannot change a fresh clone.
+"${pip[@]}" install --no-deps -r requirements.lock 2>&1 | quiet
+"${pip[@]}" install --no-deps --no-build-isolation -e . 2>&1 | quiet
+.venv/bin/python -c "import slotserve, torch, transformers, ray, triton; print('setup: torch', torch.__version__, '| transformers', transformers.__version__, '| ray', ray.__version__, '| triton', triton.__version__)"
 echo "$stamp" > .venv/.slotserve-stamp

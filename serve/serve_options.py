@@ -8,6 +8,7 @@ the option and what is valid.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, fields
 
 
@@ -82,6 +83,9 @@ def resolve_options(args: argparse.Namespace) -> ServeOptions:
             given[name] = flag
         elif cfg.get(name) is not None:
             given[name] = cfg[name]
+    if given.get("store"):
+        # absolute now: the command runs Ray from another directory (server.neutral_cwd)
+        given["store"] = os.path.abspath(os.path.expanduser(given["store"]))
     opts = ServeOptions(**given)
     for name in ("port", "dashboard_port"):
         if not 1 <= getattr(opts, name) <= 65535:

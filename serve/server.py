@@ -14,6 +14,7 @@ wrong type stops the command before anything starts (slotserve.serve_options).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import re
@@ -22,6 +23,7 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 from slotserve.serve_options import VALID_KEYS, OptionError, ServeOptions, resolve_options  # noqa: F401
 
@@ -99,6 +101,36 @@ def keep_ray_on_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+@contextlib.contextmanager
+def neutral_cwd(directory: str | os.PathLike):
+    """Run the block (a `ray.init`) from `directory`, an empty folder, then come back.
+
+    Ray puts the driver's current directory on every worker's `sys.path` (unless the
+    job sets a runtime_env working_dir). Started from the repository root that is
+    `./kernels` shadowing Hugging Face's `kernels` package, which transformers imports:
+    every replica then fails to load a model. Ray reads the directory once, when it
+    connects, and its local processes inherit it as their cwd, so the folder must stay
+    (it is kept empty; only the block runs there)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    back = os.getcwd()
+    os.chdir(directory)
+    try:
+        yield directory
+    finally:
+        os.chdir(back)
+
+
+def start_local_ray(workdir: str | os.PathLike, **init_kwargs) -> None:
+    """`ray.init` a local instance that listens on 127.0.0.1 only and whose workers never
+    see the caller's current directory (see neutral_cwd). The CLI, the tests and the
+    benchmarks all start Ray through here."""
+    keep_ray_on_loopback()
+    import ray
+    with neutral_cwd(workdir):
+        ray.init(_node_ip_address="127.0.0.1", **init_kwargs)
+
+
 def _default_device() -> str:
     try:
         import torch
@@ -156,18 +188,19 @@ def run(args: argparse.Namespace) -> int:
     except BundleError as exc:
         return _fail(str(exc))
 
-    if started_ray:
-        keep_ray_on_loopback()
     import ray
 
     print("starting Ray ..." if started_ray else f"connecting to Ray at {opts.address} ...", flush=True)
+    workdir = store.root / "run"  # an empty folder: the workers' view of "the current directory"
     try:
         if started_ray:
-            ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=opts.dashboard_port,
-                     _node_ip_address="127.0.0.1", namespace="slotserve", logging_level="WARNING",
-                     runtime_env={"env_vars": {"SLOTSERVE_HOME": str(store.root)}})
+            become_subreaper()
+            start_local_ray(workdir, include_dashboard=True, dashboard_host="127.0.0.1",
+                            dashboard_port=opts.dashboard_port, namespace="slotserve", logging_level="WARNING",
+                            runtime_env={"env_vars": {"SLOTSERVE_HOME": str(store.root)}})
         else:
-            ray.init(address=opts.address, namespace="slotserve", logging_level="WARNING")
+            with neutral_cwd(workdir):
+                ray.init(address=opts.address, namespace="slotserve", logging_level="WARNING")
     except ValueError as exc:
         if problem := bind_failure(exc):
             return _fail(problem)
@@ -179,27 +212,126 @@ def run(args: argparse.Namespace) -> int:
         _serve(opts, store, bundle, digest(token), token_where, started_ray)
     except Exception as exc:
         if problem := bind_failure(exc):
+            _stop_ray(started_ray)
             return _fail(problem)
+        _stop_ray(started_ray)
         raise
-    finally:
-        ray.shutdown()  # a local Ray takes Serve and the controller with it
-    print("stopped.")
+    _stop_ray(started_ray)
+    print("stopped.", flush=True)
     return 0
+
+
+# ---------------------------------------------------------------- stopping
+
+# How long each step of a stop may take: together well under the 10 s that systemd,
+# `docker stop` and Kubernetes give a process before SIGKILL.
+DRAIN_S = 5.0      # serve.delete: replicas finish their in-flight requests
+SHUTDOWN_S = 2.0   # ray.shutdown: Ray stops the processes it started
+KILL_S = 1.5       # whatever is left gets SIGTERM, then SIGKILL after this
+
+
+def _bounded(fn, seconds: float) -> bool:
+    """Run fn() in a daemon thread; True if it returned within `seconds`. A hung Ray
+    call (its raylet already gone) must not hold the stop."""
+    done = threading.Event()
+
+    def call():
+        try:
+            fn()
+        except Exception:
+            pass
+        finally:
+            done.set()
+    threading.Thread(target=call, daemon=True).start()
+    return done.wait(seconds)
+
+
+def become_subreaper() -> None:
+    """Linux: orphans of our descendants are re-parented to this process, not to init.
+
+    When a signal reaches the whole process group (systemd's KillMode=control-group, a
+    terminal's `kill -- -PGID`), the raylet dies at once and the Ray workers it started
+    are orphaned; as their subreaper we can still find and stop them (end_descendants)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        PR_SET_CHILD_SUBREAPER = 36
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def ray_is_dying() -> bool:
+    """True when a daemon that our local Ray started (gcs_server, raylet, ...) has already
+    exited: the stop signal reached Ray too, and nothing graceful will answer."""
+    import psutil
+    try:
+        return any(c.status() == psutil.STATUS_ZOMBIE for c in psutil.Process().children())
+    except psutil.Error:
+        return True
+
+
+def end_descendants(grace: float = KILL_S) -> None:
+    """SIGTERM every process below this one, SIGKILL those still there after `grace`
+    seconds, and reap them: no Ray process outlives `slotserve serve`."""
+    import psutil
+    procs = psutil.Process().children(recursive=True)
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=grace)
+
+
+def _stop_ray(started_ray: bool) -> None:
+    """Disconnect from Ray; a local Ray is stopped with everything it started, within
+    SHUTDOWN_S + 2 * KILL_S seconds even if Ray no longer answers."""
+    import ray
+    stopped = _bounded(ray.shutdown, SHUTDOWN_S)  # a local Ray takes Serve and the controller with it
+    if started_ray:
+        end_descendants()
+    if not stopped:
+        # ray.shutdown is still hung in its thread, and Ray's atexit hook would hang the
+        # same way: leave now (everything we started is gone already).
+        print("stopped (Ray did not answer; its processes were ended).", flush=True)
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _serve(opts: ServeOptions, store, bundle: str | None, token_sha256: str, token_where: str,
            started_ray: bool) -> None:
     """Deploy the app on the connected Ray, print where it is, block until stopped."""
+    from ray import serve
+
+    # SIGTERM from here on is Ctrl-C: a clean stop, during start-up too, not a kill that
+    # leaves the app deployed.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        _deploy_and_wait(opts, store, bundle, token_sha256, token_where, started_ray)
+    except KeyboardInterrupt:
+        pass
+    # One stop at a time: a second signal (systemd and `kill -- -PGID` signal every
+    # process, and some send SIGINT too) must not interrupt the bounded stop below.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print("\nshutting down ...", flush=True)
+    # Replicas finish their in-flight requests, unless the signal reached Ray as well.
+    if not (started_ray and ray_is_dying()) and not _bounded(lambda: serve.delete(opts.name), DRAIN_S):
+        print(f"  the app did not drain within {DRAIN_S:.0f} s; stopping anyway", flush=True)
+
+
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def _deploy_and_wait(opts: ServeOptions, store, bundle: str | None, token_sha256: str, token_where: str,
+                     started_ray: bool) -> None:
     import ray
     from ray import serve
 
     from slotserve.app import build_app
     from slotserve.controller import get_or_create
 
-    # SIGTERM from here on means a clean stop (after start-up, if it comes during it), not
-    # a kill that leaves the app deployed.
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     serve.start(http_options={"host": opts.host, "port": opts.port})
     controller = get_or_create(str(store.root), opts.name, bundle, force_bundle=opts.bundle is not None)
     settings = {"store": str(store.root), "device": opts.device or _default_device(), "app": opts.name,
@@ -233,13 +365,8 @@ def _serve(opts: ServeOptions, store, bundle: str | None, token_sha256: str, tok
         print(f"  dashboard  http://127.0.0.1:{opts.dashboard_port}")
     print(f"  store      {store.root}")
     print("Ctrl-C to stop.", flush=True)
-    try:
-        while not stop.wait(1.0):
-            pass
-    except KeyboardInterrupt:
-        pass
-    print("\nshutting down ...", flush=True)
-    serve.delete(opts.name)  # replicas finish their in-flight requests
+    while True:
+        signal.pause()  # until SIGINT / SIGTERM raise KeyboardInterrupt
 
 
 def _progress(controller, stop: threading.Event) -> None:

@@ -24,6 +24,7 @@ def test_two_node_cluster(tmp_path, monkeypatch):
     from slotserve.auth import digest
     from slotserve.bundles.demo import publish_demo
     from slotserve.bundles.store import Store
+    from slotserve.server import neutral_cwd
 
     store = Store(tmp_path)
     publish_demo(store, "demo", seed=0)
@@ -36,11 +37,13 @@ def test_two_node_cluster(tmp_path, monkeypatch):
     # not a cluster, and nothing listens there: keep every connection on loopback.
     monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
     node = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "dashboard_agent_listen_port": 0}
-    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
-    cluster.add_node(**node)
+    with neutral_cwd(tmp_path / "run"):  # never the repository root on the workers' sys.path
+        cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+        cluster.add_node(**node)
     try:
-        ray.init(address=cluster.address, _node_ip_address="127.0.0.1", namespace="slotserve-cluster",
-                 logging_level="ERROR", log_to_driver=False)
+        with neutral_cwd(tmp_path / "run"):
+            ray.init(address=cluster.address, _node_ip_address="127.0.0.1", namespace="slotserve-cluster",
+                     logging_level="ERROR", log_to_driver=False)
         cluster.wait_for_nodes()
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})

@@ -55,11 +55,10 @@ def server(tmp_path_factory):
     publish_demo(store, "demo", seed=0)
     publish_demo(store, "demo", seed=1)
     port = _free_port()
-    from slotserve.server import keep_ray_on_loopback
-    keep_ray_on_loopback()   # else Ray swaps 127.0.0.1 for the outside address
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", namespace="slotserve-test",
-             logging_level="ERROR", log_to_driver=False,
-             runtime_env={"env_vars": {"SLOTSERVE_HOME": str(root)}})
+    from slotserve.server import start_local_ray
+    start_local_ray(root / "run", num_cpus=2, include_dashboard=False, namespace="slotserve-test",
+                    logging_level="ERROR", log_to_driver=False,
+                    runtime_env={"env_vars": {"SLOTSERVE_HOME": str(root)}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         args = {"store": str(root), "bundle": "demo:1", "app": APP, "admin_token_sha256": digest(TOKEN),
