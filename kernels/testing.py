@@ -14,7 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-KERNEL_MODULES = ("rms_norm", "rope", "activation", "kv_store", "decode_attention", "sampling")
+
+
+def _kernel_modules() -> list[str]:
+    """Every module of this package (new kernel files are found without a list to keep)."""
+    import pkgutil
+    here = Path(__file__).resolve().parent
+    return [m.name for m in pkgutil.iter_modules([str(here)]) if m.name not in {"testing", "aot", "dispatch"}]
 
 
 def interpreter_ready() -> bool:
@@ -27,7 +33,7 @@ def interpreter_ready() -> bool:
         return False                              # Triton itself was imported for a GPU
     from triton.runtime.jit import JITFunction
 
-    for name in KERNEL_MODULES:                   # ours may have been imported before the variable
+    for name in _kernel_modules():                # ours may have been imported before the variable
         mod = importlib.import_module(f"{__package__}.{name}")
         if any(isinstance(v, JITFunction) for v in vars(mod).values()):
             importlib.reload(mod)                 # same module dict: earlier imports see new kernels
@@ -38,5 +44,8 @@ def run_fresh(test_files: list[str | Path], timeout: float = 600) -> subprocess.
     """Run pytest on `test_files` in a new process that sets TRITON_INTERPRET=1 before any import."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = Path(test_files[0]).resolve().parents[1]
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *map(str, test_files)],
+    # the console script, not `python -m pytest`, which would put the repository root (and
+    # its ./kernels, shadowing Hugging Face's `kernels`) on sys.path
+    pytest = Path(sys.executable).with_name("pytest")
+    return subprocess.run([str(pytest), "-q", "-p", "no:cacheprovider", *map(str, test_files)],
                           cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
