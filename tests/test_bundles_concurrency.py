@@ -42,7 +42,7 @@ def variant(demo_src: Path, dst: Path, prompt: str) -> Path:
 
 
 def spawn(root, src, name, ready, go="-", env=None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", CHILD, str(root), str(src), name, str(ready), str(go)],
+    return subprocess.Popen([sys.executable, "-P", "-c", CHILD, str(root), str(src), name, str(ready), str(go)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})
 

@@ -31,7 +31,7 @@ def test_byte_identical_across_builds_and_processes(built, tmp_path):
     assert hashes(again) == hashes(built["llama"])
     # A fresh interpreter (another hash seed, nothing cached) writes the same bytes.
     code = "import sys; from slotserve.bundles.demo import build_demo_model; build_demo_model('llama', 0, sys.argv[1])"
-    subprocess.run([sys.executable, "-c", code, str(tmp_path / "proc")], check=True, timeout=120,
+    subprocess.run([sys.executable, "-P", "-c", code, str(tmp_path / "proc")], check=True, timeout=120,
                    env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     assert hashes(tmp_path / "proc") == hashes(built["llama"])
 

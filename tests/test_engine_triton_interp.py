@@ -45,7 +45,7 @@ SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the GPU tests run the real kernels")
 def test_engine_on_triton_kernels_in_interpreter(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1", SLOTSERVE_KERNELS="triton")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-P", "-c", SCRIPT, str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.split("RESULT", 1)[1])

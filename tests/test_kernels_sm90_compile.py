@@ -40,7 +40,7 @@ def aot(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp / "cache")       # fresh: every kernel really goes through ptxas
     out = tmp / "aot.json"
-    proc = subprocess.run([sys.executable, "-m", "slotserve.kernels.aot", "--arch", "90", "--json", str(out)],
+    proc = subprocess.run([sys.executable, "-P", "-m", "slotserve.kernels.aot", "--arch", "90", "--json", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     print(proc.stdout)
     assert out.exists(), proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -17,12 +17,12 @@ def _env(**extra):
 
 
 def test_the_cli_sets_the_defaults_before_torch():
-    out = subprocess.run([sys.executable, "-c", PROBE], env=_env(), capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-P", "-c", PROBE], env=_env(), capture_output=True, text=True, timeout=120)
     assert out.stdout.split()[-2:] == [openmp.DEFAULTS["OMP_WAIT_POLICY"], openmp.DEFAULTS["GOMP_SPINCOUNT"]]
 
 
 def test_the_operators_values_win():
-    out = subprocess.run([sys.executable, "-c", PROBE], env=_env(OMP_WAIT_POLICY="PASSIVE"),
+    out = subprocess.run([sys.executable, "-P", "-c", PROBE], env=_env(OMP_WAIT_POLICY="PASSIVE"),
                          capture_output=True, text=True, timeout=120)
     assert out.stdout.split()[-2:] == ["PASSIVE", openmp.DEFAULTS["GOMP_SPINCOUNT"]], out.stderr
 

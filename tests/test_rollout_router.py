@@ -71,7 +71,7 @@ def test_three_slots_split():
 def test_hash_is_stable_across_processes():
     # Not Python's hash(): every replica (and every release) must agree on the split.
     code = "from slotserve.router import bucket; print(repr(bucket('user-1', 'salt')))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=60,
                          env={"PYTHONHASHSEED": "123"})
     assert float(out.stdout) == bucket("user-1", "salt")
     # Golden values: changing the hash reshuffles users between replicas of different releases.

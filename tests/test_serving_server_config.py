@@ -187,7 +187,7 @@ def test_serve_takes_the_config_file_and_keeps_ray_on_loopback(tmp_path):
     env = {**os.environ, "SLOTSERVE_HOME": str(tmp_path / "home"), "SLOTSERVE_ADMIN_TOKEN": "t0k"}
     log = (tmp_path / "serve.log").open("w+")
     # cwd: not the repository root, which must never be on sys.path (docs: DESIGN, layout)
-    proc = subprocess.Popen([sys.executable, "-m", "slotserve.cli", "serve", "--config", str(cfg)],
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "slotserve.cli", "serve", "--config", str(cfg)],
                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
                             start_new_session=True)
     try:
