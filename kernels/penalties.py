@@ -10,7 +10,8 @@ and could not change their token anyway: the largest x always passes its own thr
 
 Per row b (every value is per row; its "off" value switches that knob off for the row):
 - logit_bias: z[ids[b, j]] += values[b, j] for ids in [0, V) (-1 pads; others are ignored).
-  A map, so ids are distinct; a repeated id is added twice (atomically on the Triton side).
+  A map, so ids are distinct; a repeated id is added twice (atomically on the Triton side,
+  in either order: the one case where the two sides may differ, by a rounding).
 - repetition p (1.0 = off; HF / vLLM): for a token seen in the prompt OR the output,
   z > 0 -> z / p, else z * p (so p > 1 discourages repeats whatever the sign).
 - frequency f, presence r (0.0 = off; OpenAI): z -= f * count; then z -= r * (count > 0), with
@@ -20,6 +21,13 @@ Per row b (every value is per row; its "off" value switches that knob off for th
   at the boundary). Dropped tokens become -inf, so the sampler's top-k/top-p then work on the
   min_p set: top-k keeps the smaller of the two prefixes and top-p renormalises its mass over
   their intersection -- vLLM's order (min_p before top-k/top-p). Ties at the threshold are kept.
+  Pass the sampler's own temperature tensor. min_p lives here rather than in `sampling`
+  because there it would change three of the sampler's exact-set kernels (its first pass
+  draws the rows without top-k/top-p in the same pass that finds their max, before any
+  threshold is known); here it costs one launch and one more read of the rows using it,
+  and the sampler already handles -inf logits.
+  For the engine: a row's -inf are min_p's doing, so test the logits for NaN / inf BEFORE
+  this step (the step loop's `isfinite(logits)` check), not after.
 
 Token state (what the engine keeps per sequence). One int32 tensor `token_state` [N, V]
 for N sequence state rows: bits 0..29 count the token in the output so far, bit 30
@@ -179,7 +187,7 @@ def _check(logits, temperature, min_p, token_state, state_rows, repetition, freq
     if bias_ids is not None and (bias_ids.ndim != 2 or bias_ids.shape[0] != b or bias_values.shape != bias_ids.shape):
         raise ValueError(f"apply_penalties: bias_ids and bias_values must both be [{b}, K], got "
                          f"{tuple(bias_ids.shape)} and {tuple(bias_values.shape)}")
-    return has_pen and token_state is not None
+    return has_pen
 
 
 def _log_min_p(min_p: torch.Tensor) -> torch.Tensor:
@@ -254,7 +262,7 @@ def apply_penalties_ref(logits: torch.Tensor, *, temperature: torch.Tensor | Non
     Every knob is per row, None = off for all rows (see the module docstring for the order
     and formulas):
       bias_ids [B, K] int (-1 pads), bias_values [B, K] f32     logit_bias, added first
-      token_state [N, V] int32, state_rows [B] int (None: row b -> state row b; -1: no state)
+      token_state [N, V] int32, state_rows [B] int in [-1, N) (None: row b -> state row b; -1: no state)
       repetition [B] f32 (1.0 off), frequency [B] f32 (0 off), presence [B] f32 (0 off)
       temperature [B] f32, min_p [B] f32 (0 off; also off where T <= 0, i.e. greedy)
     Tokens min_p drops become -inf. `chunk` is the Triton side's tiling, ignored here.
@@ -302,7 +310,8 @@ def new_token_state(rows: int, vocab: int, device: torch.device | str) -> torch.
 def init_token_row(token_state: torch.Tensor, row: int, prompt_ids: torch.Tensor,
                    output_ids: torch.Tensor | None = None) -> None:
     """(Re)build state row `row`: PROMPT_SEEN at the prompt's ids, counts of `output_ids` (after a
-    recompute, the tokens generated so far; None at admission). Device ops only, no host sync."""
+    recompute, the tokens generated so far; None at admission). Device ops; no host sync once the ids
+    are on the device."""
     r = token_state[row]
     r.zero_()
     r.index_fill_(0, prompt_ids.to(device=r.device, dtype=torch.long), PROMPT_SEEN)

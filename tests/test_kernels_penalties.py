@@ -97,9 +97,11 @@ def test_triton_matches_reference_bit_for_bit(b, v, chunk):
         logits, kw, _ = _case(b, v, seed=b * 1000 + v, no_state_row=2)
     x, kw = logits.to(DEVICE), _to(kw, DEVICE)
     want = P.apply_penalties_ref(x.clone(), **kw)
-    got_in = x.clone()
+    padded = torch.full((b, v + 5), 7.0, device=DEVICE)
+    got_in = padded[:, :v]                         # rows strided by v + 5, as a view of a wider buffer
+    got_in.copy_(x)
     got = P.apply_penalties_triton(got_in, chunk=chunk, **kw)
-    assert got is got_in                           # in place
+    assert got is got_in and (padded[:, v:] == 7.0).all()         # in place, nothing past a row's end
     assert torch.equal(got, want)                  # -inf where min_p dropped, on both sides
     assert torch.equal(torch.signbit(got), torch.signbit(want))   # even the sign of zeros
     if b == 8:
