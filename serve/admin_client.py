@@ -174,7 +174,13 @@ def cmd_rollout_status(args) -> int:
                        if data.get("now") is not None and data.get("step_started_at") is not None else "")
                 print(f"  {ran}candidate requests {data.get('requests')}/{data.get('min_requests')}, "
                       f"next step in {data['time_to_next_step_s']:.1f}s ({data['next']['action']})")
+            gate = data.get("eval_gate")
+            if gate:
+                print(f"  eval gate {'passed' if gate['passed'] else 'FAILED'}: eval_score {gate['candidate']:.3g} "
+                      f"vs live {gate['live']:.3g}")
             for g in data.get("guards", []):
+                if gate and g["guard"].startswith("eval_score"):
+                    continue  # judged once, by the gate, before the first step
                 flag = "BREACHED" if g["breached"] else ("ok" if g["enough_samples"] else "waiting")
                 print(f"  {g['guard']}: value {g['value']} threshold {g['threshold']} "
                       f"[{g['samples']}/{g['min_samples']} samples] {flag}")
@@ -201,6 +207,19 @@ cmd_resume = _swap("/admin/rollout/resume", "resumed")
 cmd_rollback = _swap("/admin/rollback", "rolled back")
 
 
+def _mb(n) -> str:
+    return f"{(n or 0) / 2**20:.0f} MB"
+
+
+def _slot_memory(info: dict) -> str:
+    """What a slot costs: its own weights and KV pool, and the weights it shares."""
+    own_weights = max(0, (info.get("weight_bytes") or 0) - (info.get("shared_bytes") or 0))
+    text = f"weights {_mb(own_weights)}, KV {_mb(info.get('kv_bytes'))}"
+    if info.get("shared_bytes"):
+        text += f" (+{_mb(info['shared_bytes'])} of weights shared with another slot)"
+    return text
+
+
 def cmd_state(args) -> int:
     def go():
         data = call(args, "GET", "/admin/state")
@@ -211,13 +230,10 @@ def cmd_state(args) -> int:
             for s in ("live", "previous", "candidate"):
                 print(f"  {s:9} {(d.get(s) or {}).get('ref', '-')}")
             for r in data.get("replicas", []):
-                slots = r.get("slots") or {}
-                desc = []
+                slots = (r.get("slots") or {}).get("slots") or {}
+                print(f"  replica {r['id']}: applied v{r['applied']} {'ready' if r['ready'] else 'NOT ready'}")
                 for s in ("live", "previous", "candidate"):
-                    info = (slots.get("slots", slots) or {}).get(s) if isinstance(slots, dict) else None
-                    if isinstance(info, dict):
-                        desc.append(f"{s}={info.get('bundle') or info.get('ref')}[{info.get('tier', '?')}]")
-                print(f"  replica {r['id']}: applied v{r['applied']} "
-                      f"{'ready' if r['ready'] else 'NOT ready'}; " + " ".join(desc))
+                    if isinstance(info := slots.get(s), dict):
+                        print(f"    {s:9} {info.get('ref')} on {info.get('tier', '?')}: {_slot_memory(info)}")
         return data
     return _run(args, go)

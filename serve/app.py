@@ -26,6 +26,7 @@ from slotserve.auth import TokenCheck
 from slotserve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, FeedbackRequest,
                                 LoadRequest, ModelCard, ModelList, ReasonRequest,
                                 describe_validation_error, now)
+from slotserve.slots import SLOT_NAMES
 
 log = logging.getLogger("slotserve.app")
 MAX_BODY_BYTES = 8 << 20
@@ -142,7 +143,12 @@ def create_app(replica) -> FastAPI:
         cards = []
         if (name := handler.served_name(views)) is not None:
             cards.append(ModelCard(id=name, created=now()))
-        return cards + [ModelCard(id=v.ref, created=now(), slot=s, digest=v.digest) for s, v in views.items()]
+        seen = {c.id for c in cards}
+        for s in SLOT_NAMES:  # each id once: one bundle may sit in two slots
+            if (v := views.get(s)) is not None and v.ref not in seen:
+                seen.add(v.ref)
+                cards.append(ModelCard(id=v.ref, created=now(), slot=s, digest=v.digest))
+        return cards
 
     @app.get("/v1/models")
     async def models():

@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import quote
 
-from slotserve.drill_config import (FAULT_KEYS, DrillConfig, drill_spec, load_spec, parse_faults,
-                                    publish_faulty)
+from slotserve.drill_config import (FAULT_KEYS, SCENARIOS, DrillConfig, drill_spec, load_spec, parse_faults,
+                                    publish_faulty, publish_prompt, quality_spec)
 from slotserve.drill_load import Admin, DrillError, Poll, drive, monitor
 from slotserve.drill_server import LocalServer
 
@@ -174,17 +174,108 @@ async def drill(cfg: DrillConfig, url: str, token: str | None, *, store_root: st
         await admin.aclose()
 
 
+# ---------------------------------------------------------------- the quality drill
+
+async def quality_drill(cfg: DrillConfig, url: str, token: str | None, *, store_root: str | None,
+                        log: Callable[[str], None] = _stderr) -> dict:
+    """Rehearse a silent quality regression: live re-published with an honest and with a
+    sabotaged system prompt, each rolled out behind an eval_score guard. The drill passes
+    when the eval gate lets the honest one through (then aborted: live is untouched) and
+    rolls the sabotaged one back before it takes any traffic. With --candidate, that bundle
+    alone, expected to be rolled back."""
+    from slotserve.bundles.demo import DEMO_PROMPTS
+    from slotserve.bundles.manifest import BundleError
+    from slotserve.bundles.store import Store
+    admin = Admin(url, token)
+    runs: list[dict] = []
+    current = None
+    try:
+        state = await admin.call("GET", "/admin/state", timeout=30)
+        live = ((state.get("desired") or {}).get("live") or {}).get("ref")
+        if not live:
+            raise DrillError(f"{url} has no live bundle to drill against")
+        if state.get("rollout_phase") in ACTIVE:
+            raise DrillError(f"a rollout is in progress on {url} ({state['rollout_phase']}); a drill needs "
+                             "the deployment quiet: wait for it, or `slotserve rollout abort`")
+        if cfg.candidate:
+            cases = [("given", cfg.candidate, "rolled_back")]
+        else:
+            try:
+                store = Store(store_root)
+                if not (store.open(live).path / "eval" / "eval.jsonl").is_file():
+                    raise DrillError(f"{live} has no eval set (eval/eval.jsonl): the quality drill compares "
+                                     "candidate and live on one; publish live with --eval")
+                cases = [(label, publish_prompt(store, live, DEMO_PROMPTS[prompt],
+                                                f"drill: {label} system prompt on {live}"), expect)
+                         for label, prompt, expect in (("honest", "concise", "passed"),
+                                                       ("sabotaged", "sabotaged", "rolled_back"))]
+            except BundleError as exc:
+                raise DrillError(f"cannot publish the drill's candidates of {live} into the store "
+                                 f"{store_root or '$SLOTSERVE_HOME'}: {exc}. Point --store at the "
+                                 "deployment's store, or pass --candidate REF") from None
+        for label, candidate, expect in cases:
+            log(f"{label}: rolling out {candidate} behind the eval gate (expect: {expect.replace('_', ' ')})")
+            t0 = time.time()
+            current = candidate
+            await admin.call("POST", "/admin/rollout", quality_spec(candidate, cfg.percent))
+            st: dict = {}
+            while time.time() - t0 < cfg.eval_timeout_s:
+                st = await admin.call("GET", "/admin/rollout", timeout=30)
+                if st.get("phase") != "pending_eval":
+                    break
+                await asyncio.sleep(0.25)
+            gate = st.get("eval_gate") or {}
+            outcome = ("passed" if gate.get("passed") else "rolled_back" if st.get("phase") == "rolled_back"
+                       else st.get("phase") or "no answer")
+            if st.get("phase") == "pending_eval":
+                outcome = f"no verdict within {cfg.eval_timeout_s:g}s"
+            runs.append({"case": label, "candidate": candidate, "expected": expect, "outcome": outcome,
+                         "candidate_score": gate.get("candidate"), "live_score": gate.get("live"),
+                         "gate_s": round(time.time() - t0, 2), "reason": st.get("reason") or gate.get("reason")})
+            log(f"{label}: {outcome}" + (f" (eval_score {gate['candidate']:.3g} vs live {gate['live']:.3g})"
+                                         if gate else ""))
+            await _abort_if_ours(admin, candidate, lambda m: None)  # a passed gate leaves it at step 1
+            current = None
+        final = await admin.call("GET", "/admin/state", timeout=30)
+        final_live = ((final.get("desired") or {}).get("live") or {}).get("ref")
+        problems = [f"{r['case']} candidate {r['candidate']}: expected {r['expected']}, got {r['outcome']}"
+                    for r in runs if r["outcome"] != r["expected"]]
+        if final_live != live:
+            problems.append(f"live is {final_live} after the drill, was {live}")
+        return {"scenario": "quality", "live": live, "final_live": final_live, "runs": runs,
+                "passed": not problems, "problems": problems,
+                "settings": {k: v for k, v in asdict(cfg).items() if k not in ("token", "spec")}}
+    finally:
+        if current:
+            await _abort_if_ours(admin, current, log)
+        await admin.aclose()
+
+
+def format_quality(rep: dict) -> str:
+    lines = [f"slotserve drill (quality): against live {rep['live']}" + (f" at {rep['url']}" if rep.get("url") else ""),
+             f"result: {'PASS' if rep['passed'] else 'FAIL'}"]
+    for r in rep["runs"]:
+        scores = (f"eval_score {r['candidate_score']:.3g} vs live {r['live_score']:.3g}"
+                  if r["candidate_score"] is not None else "no eval score")
+        lines.append(f"  {r['case']:<9} {r['candidate']:<14} {r['outcome']:<12} (expected {r['expected']}) "
+                     f"{scores}, gate {r['gate_s']:.1f} s")
+    lines += [f"PROBLEM: {p}" for p in rep["problems"]]
+    return "\n".join(lines)
+
+
 def run(cfg: DrillConfig, log: Callable[[str], None] = _stderr) -> dict:
     """A whole drill: against cfg.url, or against a local server started and stopped here."""
+    one = quality_drill if cfg.scenario == "quality" else drill
     if cfg.url:
         from slotserve.auth import read_token
         token = cfg.token or read_token()
-        rep = asyncio.run(drill(cfg, cfg.url.rstrip("/"), token, store_root=cfg.store,
-                                same_clock=False, log=log))
+        kw = {} if one is quality_drill else {"same_clock": False}
+        rep = asyncio.run(one(cfg, cfg.url.rstrip("/"), token, store_root=cfg.store, log=log, **kw))
         rep["url"] = cfg.url
         return rep
-    with LocalServer(cfg.store, log=log) as srv:
-        rep = asyncio.run(drill(cfg, srv.url, srv.token, store_root=str(srv.root), same_clock=True, log=log))
+    with LocalServer(cfg.store, log=log, real=not cfg.tiny, need_real=cfg.scenario == "quality") as srv:
+        kw = {} if one is quality_drill else {"same_clock": True}
+        rep = asyncio.run(one(cfg, srv.url, srv.token, store_root=str(srv.root), log=log, **kw))
     rep["url"] = f"{srv.url} (self-contained, stopped)"
     return rep
 
@@ -199,9 +290,15 @@ def register(subparsers) -> None:
     t = p.add_argument_group("target")
     t.add_argument("--url", help="a running deployment (default: start a local one on the demo bundles)")
     t.add_argument("--token", help="admin token (default $SLOTSERVE_ADMIN_TOKEN or $SLOTSERVE_HOME/admin_token)")
+    t.add_argument("--tiny", action="store_true",
+                   help="self-contained: serve the random tiny demo model (fast, its text is noise) instead "
+                        "of SmolLM2-135M-Instruct (fault scenario only)")
     t.add_argument("--store", help="bundle store to publish the candidate in (default $SLOTSERVE_HOME; "
                                    "self-contained: a temporary store)")
     c = p.add_argument_group("candidate and rollout")
+    c.add_argument("--scenario", choices=SCENARIOS, default="fault",
+                   help="fault (default): an injected fault under load, caught by a guard; quality: an honest "
+                        "and a sabotaged system prompt behind the eval gate, which must stop only the second")
     c.add_argument("--fault", action="append", metavar="F",
                    help="injected fault: error_rate=0.5 (default), latency_ms=300, oom_after=3, nan_logits; "
                         "repeat or comma-separate to combine")
@@ -236,7 +333,8 @@ def cmd_drill(args: argparse.Namespace) -> int:
                           faults=faults, spec=load_spec(args.spec) if args.spec else None,
                           percent=args.percent, concurrency=args.concurrency, duration_s=args.duration,
                           rps=args.rps, baseline_s=args.baseline, settle_s=args.settle,
-                          max_tokens=args.max_tokens, stream=args.stream, model=args.model)
+                          max_tokens=args.max_tokens, stream=args.stream, model=args.model,
+                          scenario=args.scenario, tiny=args.tiny)
         rep = run(cfg)
     except DrillError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -244,7 +342,7 @@ def cmd_drill(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(rep, indent=1, default=str) + "\n")
         _stderr(f"report written to {args.out}")
-    if args.plot:
+    if args.plot and cfg.scenario == "fault":
         try:
             plot(rep, args.plot)
             _stderr(f"plot written to {args.plot}")
@@ -253,5 +351,5 @@ def cmd_drill(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rep, default=str))
     else:
-        print(format_table(rep))
+        print(format_quality(rep) if cfg.scenario == "quality" else format_table(rep))
     return 0 if rep["passed"] else 1

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from slotserve.drill_load import DrillError
 
 FAULT_KEYS = ("latency_ms", "error_rate", "oom_after", "nan_logits")
+SCENARIOS = ("fault", "quality")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,9 @@ class DrillConfig:
     stream: bool = False
     model: str | None = None          # served model name (default: what /v1/models serves)
     poll_s: float = 0.05
+    scenario: str = "fault"           # fault: an injected fault under load; quality: the eval gate
+    tiny: bool = False                # self-contained: the random tiny demo model, not the real one
+    eval_timeout_s: float = 600.0     # quality: longest wait for one eval gate
 
     def __post_init__(self):
         if self.concurrency < 1:
@@ -43,6 +47,10 @@ class DrillConfig:
             raise DrillError(f"--percent must be in (0, 100], got {self.percent}")
         if self.max_tokens < 1:
             raise DrillError(f"--max-tokens must be >= 1, got {self.max_tokens}")
+        if self.scenario not in SCENARIOS:
+            raise DrillError(f"unknown scenario {self.scenario!r}; valid: {', '.join(SCENARIOS)}")
+        if self.scenario == "quality" and self.tiny:
+            raise DrillError("the quality drill needs the real demo model: the tiny one answers nothing right")
 
 
 def parse_faults(items: list[str] | None) -> dict:
@@ -118,4 +126,28 @@ def publish_faulty(store, live: str, faults: dict, actor: str = "slotserve-drill
     m = store.publish(b.path, b.manifest.name, actor=actor, serving=serving,
                       retrieval_index=b.manifest.retrieval_index, parent=live,
                       reason=f"drill candidate: {live} with faults {json.dumps(faults, sort_keys=True)}")
+    return m.ref
+
+
+def quality_spec(candidate: str, percent: float = 25.0) -> dict:
+    """The quality drill's canary: held at one step, gated by the eval set before any
+    traffic: a candidate scoring below 95% of live is rolled back."""
+    spec = drill_spec(candidate, percent)
+    spec["guards"] = [{"metric": "eval_score", "op": "<", "value": 0.95, "relative_to": "live",
+                       "action": "rollback"}] + spec["guards"]
+    return spec
+
+
+def publish_prompt(store, live: str, system_prompt: str, reason: str, actor: str = "slotserve-drill") -> str:
+    """Publish `live` again with another system prompt: same weights (shared blobs),
+    tokenizer, serving config and eval set, a new version. Returns its ref."""
+    import tempfile
+    from pathlib import Path
+
+    b = store.open(live)
+    with tempfile.TemporaryDirectory(prefix="slotserve-drill-") as tmp:
+        path = Path(tmp) / "system.txt"
+        path.write_text(system_prompt + "\n", encoding="utf-8")
+        m = store.publish(b.path, b.manifest.name, actor=actor, system_prompt=path,
+                          retrieval_index=b.manifest.retrieval_index, parent=live, reason=reason)
     return m.ref

@@ -22,7 +22,9 @@ class LocalServer:
     """The real app + controller + replica on 127.0.0.1, in a thread of this process
     (no Ray), serving the demo bundle. Context manager: stopped and cleaned up on exit."""
 
-    def __init__(self, store: str | None = None, log: Callable[[str], None] = lambda m: None):
+    def __init__(self, store: str | None = None, log: Callable[[str], None] = lambda m: None, *,
+                 real: bool = True, need_real: bool = False):
+        self.real, self.need_real = real, need_real  # the real demo model (if at hand), or the tiny one
         self._tmp = None if store else tempfile.mkdtemp(prefix="slotserve-drill-")
         self.root = Path(store or self._tmp).expanduser().resolve()
         self.token = secrets.token_urlsafe(24)
@@ -46,10 +48,19 @@ class LocalServer:
         self.stop()
 
     def start(self, timeout_s: float = 300.0) -> None:
-        from slotserve.bundles.demo import publish_demo
+        from slotserve.bundles.demo import REAL_DEMO_UNAVAILABLE, publish_demo, publish_real_demo
         from slotserve.bundles.store import Store
         self.log(f"self-contained: demo bundle in {self.root} ...")
-        self.live = publish_demo(Store(self.root), DEMO).ref  # a no-op when it is there
+        store = Store(self.root)
+        m = publish_real_demo(store, DEMO) if self.real else None  # a no-op when it is there
+        if m is None:
+            if self.need_real:
+                raise DrillError(REAL_DEMO_UNAVAILABLE.split(":")[0] + "; this drill needs it "
+                                 "(bash scripts/setup.sh installs it)")
+            if self.real:
+                self.log(f"warning: {REAL_DEMO_UNAVAILABLE}")
+            m = publish_demo(store, DEMO)
+        self.live = m.ref
         self._thread = threading.Thread(target=self._main, name="slotserve-drill-server", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout_s) and self._error is None:

@@ -17,6 +17,7 @@ import asyncio
 import logging
 
 log = logging.getLogger("slotserve.replica")
+EVAL_BATCH = 8  # eval items in flight per slot
 
 
 class EvalGate:
@@ -49,8 +50,9 @@ class EvalGate:
         def gen(slot):
             return lambda prompt: asyncio.run_coroutine_threadsafe(one(slot, prompt), loop).result(300)
 
-        cand = await asyncio.to_thread(run_eval, items, gen("candidate"))
-        live = await asyncio.to_thread(run_eval, items, gen("live"))
+        # both slots at once, EVAL_BATCH items each in flight: the engines batch them
+        cand, live = await asyncio.gather(asyncio.to_thread(run_eval, items, gen("candidate"), EVAL_BATCH),
+                                          asyncio.to_thread(run_eval, items, gen("live"), EVAL_BATCH))
         return {"candidate": cand.score, "live": live.score,
                 "detail": {"items": len(items), "candidate.passed": cand.passed,
                            "live.passed": live.passed}}

@@ -129,14 +129,21 @@ def score_output(output: str, expected: str, match: str) -> bool:
     raise EvalError(f"match {match!r} is not valid; valid: {', '.join(MATCHES)}")
 
 
-def run_eval(items: Sequence[EvalItem], generate: Generate) -> EvalReport:
-    results = []
-    for i, it in enumerate(items):
+def run_eval(items: Sequence[EvalItem], generate: Generate, workers: int = 1) -> EvalReport:
+    """Score every item; `workers` > 1 sends that many items at once (a batching engine
+    answers them together), in item order in the report."""
+    def one(i: int, it: EvalItem) -> ItemResult:
         try:
             out = generate(it.input)
         except Exception as e:  # noqa: BLE001 - a failing item, not a failing run
-            results.append(ItemResult(i, None, False, f"{type(e).__name__}: {e}"))
-            continue
-        results.append(ItemResult(i, out, score_output(str(out), it.expected, it.match)))
+            return ItemResult(i, None, False, f"{type(e).__name__}: {e}")
+        return ItemResult(i, out, score_output(str(out), it.expected, it.match))
+
+    if workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(workers) as pool:
+            results = list(pool.map(one, range(len(items)), items))
+    else:
+        results = [one(i, it) for i, it in enumerate(items)]
     passed = sum(r.passed for r in results)
     return EvalReport(passed / len(results) if results else 0.0, passed, len(results), tuple(results))

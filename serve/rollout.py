@@ -291,6 +291,10 @@ def describe(state: RolloutState, windows: Mapping[str, WindowMetrics], now: flo
            "weights": dict(state.weights), "mirror_fraction": state.mirror_fraction,
            "paused": state.paused, "started_at": state.started_at, "ended_at": state.ended_at,
            "reason": state.reason, "guards": []}
+    gate = next((e for e in reversed(state.history) if isinstance(e, EvalGated)), None)
+    if gate is not None:  # the eval gate's verdict, for as long as the rollout is shown
+        out["eval_gate"] = {"passed": gate.passed, "candidate": gate.candidate_score, "live": gate.live_score,
+                            "reason": gate.reason, "at": gate.at}
     if state.phase != "running":
         return out
     cand = windows.get("candidate")

@@ -145,10 +145,13 @@ def ensure_bundle(store, ref: str | None) -> str:
         store.resolve(ref)  # raises BundleError naming what exists
         return ref
     if not store.registry.list_bundles(DEMO_NAME):
-        from slotserve.bundles.demo import publish_demo
-        print(f"building the demo bundle into {store.root} ...", flush=True)
-        m = publish_demo(store, DEMO_NAME)
-        print(f"published {getattr(m, 'ref', m)}", flush=True)
+        from slotserve.bundles.demo import REAL_DEMO_UNAVAILABLE, publish_demo, publish_real_demo
+        print(f"building the demo bundle into {store.root} (SmolLM2-135M-Instruct, converted once) ...", flush=True)
+        m = publish_real_demo(store, DEMO_NAME)
+        if m is None:
+            print(f"warning: {REAL_DEMO_UNAVAILABLE}", file=sys.stderr, flush=True)
+            m = publish_demo(store, DEMO_NAME)
+        print(f"published {m.ref}", flush=True)
     return f"{DEMO_NAME}:{store.registry.latest(DEMO_NAME).version}"
 
 
