@@ -155,3 +155,21 @@ def test_unknown_architecture_refused(published, tmp_path):
 def test_store_defaults_to_slotserve_home(published):
     rows = json.loads(run("bundle", "list", "--json", env={"SLOTSERVE_HOME": str(published["store"])}).stdout)
     assert [r["ref"] for r in rows] == ["bot:1", "bot:2"]
+
+
+def test_publish_from_a_bundle_is_a_prompt_only_change(published, tmp_path):
+    """`bundle publish bot:1 --system-prompt F`: a new version that shares every weight
+    blob (no extra weight bytes in the store) and names bot:1 as its parent."""
+    store = published["store"]
+    prompt = tmp_path / "system.txt"
+    prompt.write_text("Answer in one short sentence.\n")
+    before = sum(f.stat().st_size for f in (store / "blobs").rglob("*") if f.is_file())
+    out = ok_json("bundle", "publish", "bot:1", "--name", "bot", "--system-prompt", prompt,
+                  "--reason", "shorter answers", store=store)
+    assert out["created"] and out["manifest"]["lineage"]["parent"] == published["first"]["published"]["digest"]
+    after = sum(f.stat().st_size for f in (store / "blobs").rglob("*") if f.is_file())
+    assert after - before < 1024  # only the new prompt's blob
+    diff = ok_json("bundle", "diff", "bot:1", out["ref"], store=store)
+    assert diff["files"]["changed"] + diff["files"]["added"] == ["prompt/system.txt"], diff
+    assert_error(run("bundle", "publish", "bot:99", "--name", "bot", store=store),
+                 "neither a directory nor a bundle in the store")

