@@ -60,7 +60,7 @@ def peak_tbs(name: str) -> float | None:
 def cases(K, dev, dtype=torch.bfloat16, tiny: bool = False):
     """`tiny` shrinks every shape (a smoke test of this script on CPU through the interpreter)."""
     M = {name: importlib.import_module(f"slotserve.kernels.{name}")
-         for name in ("rms_norm", "rope", "activation", "kv_store", "decode_attention", "sampling")}
+         for name in ("rms_norm", "rope", "activation", "kv_store", "decode_attention", "sampling", "lora")}
     es = torch.tensor([], dtype=dtype).element_size()
     out = []
     sizes = (lambda *xs: tuple(max(1, x // 64) for x in xs)) if tiny else (lambda *xs: xs)
@@ -120,6 +120,37 @@ def cases(K, dev, dtype=torch.bfloat16, tiny: bool = False):
         # the engine's hint when no request uses top-k/top-p: 2 launches instead of 13
         out.append(("sample", f"B={b} V={vocab} T=0.7 filtered=False", out[-2][2], b * vocab * 4,
                     functools.partial(M["sampling"].sample_triton, filtered=False), K.sample_ref))
+    out += lora_cases(M["lora"], dev, dtype, sizes)
+    return out
+
+
+def lora_cases(lora, dev, dtype, sizes) -> list[tuple]:
+    """Multi-adapter LoRA (4 adapter slots, rank 16) on Llama-3-8B projections; y is updated in place.
+
+    q_proj: the q slice (columns 0:4096) of the fused qkv output [T, 6144]; down_proj: 14336 -> 4096.
+    Decode batches mix the adapters row by row; prefill (T=4096) has 4 contiguous segments.
+    Bytes: x, the distinct adapters' A and B, and y's slice read and written (s is ~T*R*4 per split).
+    """
+    es = torch.tensor([], dtype=dtype).element_size()
+    n_slots, r = 4, 16
+    out = []
+    for label, h_in, w, y_cols in (("q of qkv", 4096, 4096, 6144), ("down", 14336, 4096, 4096)):
+        h_in, w, y_cols = sizes(h_in, w, y_cols)
+        a_stack = torch.randn(n_slots, r, h_in, device=dev, dtype=dtype) / h_in ** 0.5
+        b_stack = torch.randn(n_slots, w, r, device=dev, dtype=dtype) / r ** 0.5
+        scaling = torch.full((n_slots,), 2.0, device=dev)
+        for t in sizes(1, 16, 64, 4096):
+            def build(t=t, h_in=h_in, y_cols=y_cols, a_stack=a_stack, b_stack=b_stack, scaling=scaling):
+                if t >= 1024:                                   # prefill: one contiguous segment per adapter
+                    idx = torch.arange(t, device=dev) * n_slots // t
+                else:                                           # decode: adapters mixed row by row
+                    idx = torch.randint(0, n_slots, (t,), device=dev)
+                return (torch.randn(t, y_cols, device=dev, dtype=dtype), torch.randn(t, h_in, device=dev, dtype=dtype),
+                        a_stack, b_stack, scaling, idx.to(torch.int32), 0)
+            used = min(t, n_slots)
+            nbytes = (t * h_in + 2 * t * w + used * r * (h_in + w)) * es + 4 * t
+            out.append(("lora", f"T={t} {label} H={h_in} W={w} R={r}", build, nbytes,
+                        lora.lora_triton, lora.lora_ref))
     return out
 
 
@@ -150,6 +181,10 @@ def check(K, dev) -> list[dict]:
                 fast(k, v, kc, vc, slots)
                 ref(k, v, kc2, vc2, slots)
                 ok, err = torch.equal(kc, kc2) and torch.equal(vc, vc2), 0.0
+            elif op == "lora":                                  # in place on y: each side its own copy
+                y, rest = args[0], args[1:]
+                err = _rel_err(fast(y.clone(), *rest), ref(y.clone(), *rest))
+                ok = err <= ulp2
             else:
                 err = _rel_err(fast(*args), ref(*args))
                 ok = err <= ulp2 * (2 if op == "decode_attention" else 1)

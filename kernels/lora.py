@@ -19,24 +19,30 @@ cost one small round trip. It also lets several slices of a fused projection sha
 shrink: concatenate their A along the rank, shrink once, expand each slice with its rank
 columns (`s[..., i*R:(i+1)*R]`, a strided view is fine) and its `col_offset`.
 
-Rows -> programs: a tile of BLOCK_T rows per program, one pass per *distinct* adapter in
-the tile (ascending, found on the device with a min over the tile's indices). A pass loads
-that adapter's weight tile once and runs `tl.dot` on the tile's rows masked to it (other
-rows load as zeros, so each row of x / s is still fetched once). So: decode batches mixing
-adapters (BGMV) read each distinct adapter's weights once per tile; prefill batches, where
-a request's rows are contiguous (SGMV's segments), take one pass per tile, two where a
-segment boundary falls inside it; unsorted batches stay correct, only slower. No sort, no
-segment metadata, no host sync, and the grid depends only on T, H and R (never on the
-indices' values), so CUDA graphs capture both launches. An index outside [-1, n_slots)
-is treated as -1 by both sides (never read out of bounds; a check would need a host sync).
+Rows -> programs: a tile of BLOCK_T rows per program (16 for decode, up to 64 for prefill),
+one pass per *distinct* adapter in the tile, ascending, each found on the device as a min
+over the tile's indices. A pass loads that adapter's weight tile once and runs `tl.dot` on
+the tile's rows masked to it (shrink loads only that adapter's rows of x; expand loads s
+once per rank chunk and zeroes the other rows), so each row of x and s is fetched once.
+Decode batches mixing adapters (BGMV) thus read each distinct adapter's weights once per
+tile; prefill batches, where a request's rows are contiguous (SGMV's segments), take one
+pass per tile, two where a segment boundary falls inside it; unsorted batches stay correct,
+at up to min(BLOCK_T, n_slots) passes per tile. No sort, no segment metadata, no host
+sync, and the grid depends only on T, H_in, W, R and the SM count (never on the indices'
+values), so CUDA graphs capture both launches. Not one row per program: that re-reads an
+adapter's weights for every row (T times in a prefill) and cannot use the tensor cores.
+An index outside [-1, n_slots) is treated as -1 by both sides (never read out of bounds;
+refusing it would need a host sync).
 
 Precision: fp32 accumulation throughout, scaling applied after B (PEFT's order), and one
 rounding to y's dtype at the end: y_new = fl(y + scaling * ((x @ A^T) @ B^T)). PEFT rounds
 x @ A^T, the B product and the scaled delta to the model dtype before the add (four
-roundings); in fp32 both agree to summation order. Dots: 16-bit shrink operands go to the
-tensor cores as they are (exact products, fp32 sums); fp32 operands and the fp32 s of
-expand use IEEE fp32 for fp32 models and 3xTF32 (about fp32 accuracy) for 16-bit ones.
-Triton's CPU interpreter has no bf16 dot, so there bf16 shrink operands are cast to fp32.
+roundings); in fp32 both agree to summation order. Dots: the shrink's 16-bit operands go
+to the tensor cores as they are (exact products, fp32 sums); fp32 operands use IEEE fp32.
+The expand's fp32 s times B uses IEEE fp32 for fp32 outputs and 3xTF32 for 16-bit ones (B
+is exact in TF32 and s is split into two TF32 halves: about fp32 accuracy, tensor cores).
+Triton's CPU interpreter has no bf16 dot, so there bf16 shrink operands are cast to fp32;
+it also converts fp32 -> bf16 by truncation where the GPU rounds to nearest (see the test).
 """
 
 from __future__ import annotations
@@ -99,20 +105,21 @@ def _lora_expand_kernel(s_ptr, b_ptr, idx_ptr, scale_ptr, y_ptr, T, W, R, N_SLOT
     ymask = has[:, None] & nmask[None, :]                               # rows without adapter: untouched
     scale = tl.load(scale_ptr + idx, mask=has, other=0.0)
     acc = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
-    a = tl.min(tl.where(has, idx, N_SLOTS), axis=0)
-    while a < N_SLOTS:
-        sel = idx == a
-        for r0 in range(0, R, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)
-            rmask = r < R
-            smask = sel[:, None] & rmask[None, :]
-            st = tl.zeros([BLOCK_T, BLOCK_R], tl.float32)
-            for sp in range(0, S):                                      # shrink's split-K partials
-                st += tl.load(s_ptr + sp * s_s0 + rows[:, None] * s_s1 + r[None, :] * s_s2, mask=smask, other=0.0)
+    first = tl.min(tl.where(has, idx, N_SLOTS), axis=0)                # smallest adapter in the tile
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        rmask = r < R
+        st = tl.zeros([BLOCK_T, BLOCK_R], tl.float32)
+        for sp in range(0, S):                                          # shrink's split-K partials
+            st += tl.load(s_ptr + sp * s_s0 + rows[:, None] * s_s1 + r[None, :] * s_s2,
+                          mask=has[:, None] & rmask[None, :], other=0.0)
+        a = first
+        while a < N_SLOTS:
             bt = tl.load(b_ptr + a * b_s0 + n[:, None] * b_s1 + r[None, :], mask=nmask[:, None] & rmask[None, :],
                          other=0.0)
-            acc += tl.dot(st, tl.trans(bt.to(tl.float32)), input_precision=PRECISION)
-        a = tl.min(tl.where(idx > a, idx, N_SLOTS), axis=0)
+            acc += tl.dot(tl.where((idx == a)[:, None], st, 0.0), tl.trans(bt.to(tl.float32)),
+                          input_precision=PRECISION)
+            a = tl.min(tl.where(idx > a, idx, N_SLOTS), axis=0)         # next adapter in the tile
     y_ptrs = y_ptr + rows[:, None] * y_st + n[None, :]
     y = tl.load(y_ptrs, mask=ymask, other=0.0)                          # after the dots: fewer live registers
     out = y.to(tl.float32) + acc * scale[:, None]
@@ -169,9 +176,9 @@ def lora_shrink_triton(x: torch.Tensor, a_stack: torch.Tensor, row_adapter: torc
     if n_slots < 1 or r < 1:
         raise ValueError(f"lora: a_stack needs >= 1 slot and rank >= 1, got {tuple(a_stack.shape)}")
     _check_index(row_adapter, t, x.device, "lora")
-    splits = num_splits or lora_num_splits(t, h, r, x.device)
-    if splits < 1:
+    if num_splits is not None and num_splits < 1:
         raise ValueError(f"lora: num_splits must be >= 1, got {num_splits}")
+    splits = num_splits or (lora_num_splits(t, h, r, x.device) if t else 1)
     s = torch.empty((splits, t, r), dtype=torch.float32, device=x.device)
     if t == 0:
         return s
@@ -226,7 +233,7 @@ def lora_expand_triton(y: torch.Tensor, s: torch.Tensor, b_stack: torch.Tensor, 
         s, b_stack, row_adapter, scaling, out, t, w, r, n_slots, s.shape[0],
         s.stride(0), s.stride(1), s.stride(2), b_stack.stride(0), b_stack.stride(1), row_adapter.stride(0),
         y.stride(0), BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=min(32, _rank_block(r)), PRECISION=prec,
-        num_warps=8 if block_t * block_n >= 4096 else 4)
+        num_warps=8 if block_t * block_n >= 4096 and y.element_size() == 2 else 4)
     return y
 
 
@@ -257,20 +264,19 @@ def lora_ref(y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: t
     `base(x) + lora_B(lora_A(dropout(x))) * scaling` (dropout is the identity at inference)
     in the same order, without PEFT's intermediate roundings to the model dtype.
 
-    Dense over slots: every slot's shrink as one matmul, the row's block picked by a one-hot
-    mask (exact zeros elsewhere), every slot's expand as one matmul. No host sync and no
-    data-dependent shapes (torch.compile takes it whole), at n_slots times the FLOPs.
+    One pass per slot (n_slots is a Python int, so the loop is static: no host sync, no
+    data-dependent shapes, torch.compile takes it whole), at n_slots times the FLOPs; each
+    slot's delta is kept only on its own rows, so garbage (even NaN) in a slot no row uses
+    never reaches y, as in the kernels, which read only the slots their rows name.
     """
-    t = x.shape[0]
-    n_slots, r, h = a_stack.shape
     w = b_stack.shape[1]
     idx = row_adapter.long()
-    use = (idx >= 0) & (idx < n_slots)                                            # [T]
-    onehot = (idx[:, None] == torch.arange(n_slots, device=x.device)[None, :]) & use[:, None]   # [T, n]
-    s_all = x.float() @ a_stack.float().reshape(n_slots * r, h).T                 # [T, n*R]
-    s = (s_all.view(t, n_slots, r) * onehot[:, :, None]).reshape(t, n_slots * r)  # only the row's block
-    delta = s @ b_stack.float().permute(0, 2, 1).reshape(n_slots * r, w)         # [T, W]
-    scale = (scaling.float()[None, :] * onehot).sum(1)                           # [T], 0 without adapter
+    xf = x.float()
     cols = y[:, col_offset:col_offset + w]
-    cols.copy_(torch.where(use[:, None], (cols.float() + delta * scale[:, None]).to(y.dtype), cols))
+    delta = torch.zeros(cols.shape, dtype=torch.float32, device=y.device)
+    for slot in range(a_stack.shape[0]):
+        d = (xf @ a_stack[slot].float().T) @ b_stack[slot].float().T                  # [T, W], fp32
+        delta = torch.where((idx == slot)[:, None], d * scaling[slot].float(), delta)
+    use = (idx >= 0) & (idx < a_stack.shape[0])
+    cols.copy_(torch.where(use[:, None], (cols.float() + delta).to(y.dtype), cols))
     return y
