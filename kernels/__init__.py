@@ -11,6 +11,8 @@ import torch
 from . import activation as _activation
 from . import decode_attention as _decode_attention
 from . import kv_store as _kv_store
+from . import lora as _lora
+from . import penalties as _penalties
 from . import rms_norm as _rms_norm
 from . import rope as _rope
 from . import sampling as _sampling
@@ -18,6 +20,8 @@ from .activation import silu_and_mul_ref
 from .decode_attention import paged_decode_attention_ref
 from .dispatch import backend, use_triton
 from .kv_store import store_kv_ref
+from .lora import lora_ref
+from .penalties import PROMPT_SEEN, add_output_tokens, apply_penalties_ref, init_token_row, logprobs_ref, new_token_state
 from .rms_norm import rms_norm_ref
 from .rope import apply_rope_ref, build_cos_sin_cache
 from .sampling import sample_ref
@@ -25,7 +29,8 @@ from .sampling import sample_ref
 __all__ = [
     "rms_norm", "apply_rope", "silu_and_mul", "store_kv", "paged_decode_attention", "sample",
     "rms_norm_ref", "apply_rope_ref", "silu_and_mul_ref", "store_kv_ref", "paged_decode_attention_ref",
-    "sample_ref", "build_cos_sin_cache", "backend",
+    "sample_ref", "build_cos_sin_cache", "backend", "lora", "lora_ref", "apply_penalties", "apply_penalties_ref",
+    "logprobs", "logprobs_ref", "new_token_state", "init_token_row", "add_output_tokens", "PROMPT_SEEN",
 ]
 
 
@@ -62,7 +67,23 @@ def sample(logits, temperature, top_k, top_p, seeds, offsets=None, *, filtered=T
     return _pick(logits, _sampling, "sample")(logits, temperature, top_k, top_p, seeds, offsets, filtered=filtered)
 
 
+def lora(y, x, a_stack, b_stack, scaling, row_adapter, col_offset=0):
+    return _pick(x, _lora, "lora")(y, x, a_stack, b_stack, scaling, row_adapter, col_offset)
+
+
+def apply_penalties(logits, *, temperature=None, min_p=None, token_state=None, state_rows=None, repetition=None,
+                    frequency=None, presence=None, bias_ids=None, bias_values=None):
+    return _pick(logits, _penalties, "apply_penalties")(
+        logits, temperature=temperature, min_p=min_p, token_state=token_state, state_rows=state_rows,
+        repetition=repetition, frequency=frequency, presence=presence, bias_ids=bias_ids, bias_values=bias_values)
+
+
+def logprobs(logits, token_ids, top_n):
+    return _pick(logits, _penalties, "logprobs")(logits, token_ids, top_n)  # torch on every device
+
+
 for _op, _ref in ((rms_norm, rms_norm_ref), (apply_rope, apply_rope_ref), (silu_and_mul, silu_and_mul_ref),
                   (store_kv, store_kv_ref), (paged_decode_attention, paged_decode_attention_ref),
-                  (sample, sample_ref)):
+                  (sample, sample_ref), (lora, lora_ref), (apply_penalties, apply_penalties_ref),
+                  (logprobs, logprobs_ref)):
     _op.__doc__ = f"Dispatching {_op.__name__}: Triton on CUDA, else `{_ref.__name__}`.\n\n{_ref.__doc__}"

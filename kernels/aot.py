@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 H100_SMS = 132
-KERNEL_MODULES = ("rms_norm", "rope", "activation", "kv_store", "decode_attention", "sampling")
+KERNEL_MODULES = ("rms_norm", "rope", "activation", "kv_store", "decode_attention", "sampling", "lora", "penalties")
 
 
 @dataclass
@@ -111,6 +111,20 @@ def _cases(torch, K, M):
                 torch.full((b,), 0.9), torch.arange(b), torch.zeros(b, dtype=torch.int64))
         add(f"sample B={b} V={v}", M["sampling"].sample_triton, *args)
         add(f"sample B={b} V={v} filtered=False", M["sampling"].sample_triton, *args, filtered=False)
+    for t in (1, 64, 4096):  # LoRA: the q slice of a fused qkv; down_proj at a larger rank
+        for h_in, w, cols, r in ((4096, 4096, 6144, 16), (14336, 4096, 4096, 64)):
+            add(f"lora T={t} H={h_in} W={w} R={r}", M["lora"].lora_triton, torch.empty(t, cols, dtype=bf),
+                torch.empty(t, h_in, dtype=bf), torch.empty(8, r, h_in, dtype=bf), torch.empty(8, w, r, dtype=bf),
+                torch.ones(8), torch.zeros(t, dtype=torch.int32))
+    for b in (1, 64):  # logits processing at Llama-3's vocabulary
+        v = 128256
+        kw = dict(temperature=torch.full((b,), 0.7), min_p=torch.full((b,), 0.05),
+                  token_state=torch.zeros(b, v, dtype=torch.int32), state_rows=torch.arange(b),
+                  repetition=torch.full((b,), 1.1), frequency=torch.zeros(b), presence=torch.zeros(b),
+                  bias_ids=torch.zeros(b, 300, dtype=torch.int64), bias_values=torch.zeros(b, 300))
+        add(f"apply_penalties B={b} V={v}", M["penalties"].apply_penalties_triton, torch.zeros(b, v), **kw)
+        add(f"apply_penalties B={b} V={v} min_p only", M["penalties"].apply_penalties_triton, torch.zeros(b, v),
+            temperature=kw["temperature"], min_p=kw["min_p"])
     return out
 
 
