@@ -14,7 +14,7 @@ PY=${PYTHON:-python3}
 TORCH_VERSION=$(cat scripts/torch-version)
 TORCH_BUILD=${SLOTSERVE_TORCH_BUILD:-cpu}
 TORCH_INDEX=${SLOTSERVE_TORCH_INDEX:-https://download.pytorch.org/whl/$TORCH_BUILD}
-stamp=$(cat pyproject.toml requirements.lock scripts/setup.sh scripts/torch-version \
+stamp=$(cat pyproject.toml requirements.lock scripts/setup.sh scripts/install.sh scripts/torch-version \
         <(echo "$TORCH_BUILD $TORCH_INDEX") | sha256sum | cut -c1-16)
 
 if [ -f .venv/.slotserve-stamp ] && [ "$(cat .venv/.slotserve-stamp)" = "$stamp" ] \
@@ -26,18 +26,13 @@ fi
 quiet() { grep -vE '^WARNING: (Location|Retrying)|BuildBackendWarning|^ +|^$|!!' || true; }
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip=(.venv/bin/python -m pip -q)
-"${pip[@]}" install --upgrade pip 2>&1 | quiet
-# torch first, as its own build: the lock then finds `torch==X` satisfied by `X+<build>`.
-# The CPU build's dependencies are all in the lock; a CUDA build brings its nvidia-* and
-# triton packages, which torch pins exactly itself.
-if [ "$TORCH_BUILD" = cpu ]; then
-  "${pip[@]}" install --no-deps --retries 1 "torch==$TORCH_VERSION+cpu" --extra-index-url "$TORCH_INDEX" 2>&1 | quiet
-else
-  "${pip[@]}" install "torch==$TORCH_VERSION+$TORCH_BUILD" --extra-index-url "$TORCH_INDEX" 2>&1 | quiet
-fi
-# Everything else at its locked version, without resolving anything anew: an upstream
-# release cannot change a fresh clone.
-"${pip[@]}" install --no-deps -r requirements.lock 2>&1 | quiet
-"${pip[@]}" install --no-deps --no-build-isolation -e . 2>&1 | quiet
+"${pip[@]}" install "$(grep '^pip==' requirements.lock)" 2>&1 | quiet  # the locked pip, like everything else
+# The same steps as Dockerfile.cuda (scripts/install.sh): torch first, as its own build
+# (the lock then finds `torch==X` satisfied by `X+<build>`), then everything else at its
+# locked version with --no-deps (an upstream release cannot change a fresh clone), then
+# slotserve itself, editable.
+export PYTHON=.venv/bin/python SLOTSERVE_TORCH_BUILD=$TORCH_BUILD SLOTSERVE_TORCH_INDEX=$TORCH_INDEX
+bash scripts/install.sh deps 2>&1 | quiet
+bash scripts/install.sh app --no-build-isolation -e . 2>&1 | quiet
 .venv/bin/python -c "import slotserve, torch, transformers, ray, triton; print('setup: torch', torch.__version__, '| transformers', transformers.__version__, '| ray', ray.__version__, '| triton', triton.__version__)"
 echo "$stamp" > .venv/.slotserve-stamp
