@@ -32,9 +32,9 @@ import sys
 import tempfile
 import time
 
-from slotserve import openmp
+from slotserve.cli import openmp
 
-# The serving processes' OpenMP settings (slotserve.openmp), set before torch loads; they
+# The serving processes' OpenMP settings (slotserve.cli.openmp), set before torch loads; they
 # apply to both sides alike, since both run in this process.
 openmp.configure()
 

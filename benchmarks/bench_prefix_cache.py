@@ -35,9 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from slotserve import openmp
+from slotserve.cli import openmp
 
-openmp.configure()   # before torch loads (see slotserve.openmp), as bench_engine does
+openmp.configure()   # before torch loads (see slotserve.cli.openmp), as bench_engine does
 
 import torch  # noqa: E402
 

@@ -84,7 +84,7 @@ def time_swaps(mgr, n):
 
 def time_reloads(store, ref, device, n):
     from slotserve.engine import Engine
-    from slotserve.slot_loader import load_tokenizer
+    from slotserve.slots.loader import load_tokenizer
 
     reload, fresh = [], []
     for _ in range(n):

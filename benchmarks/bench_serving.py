@@ -101,8 +101,8 @@ def start_local(replicas: int):
     import ray
     from ray import serve
 
+    from slotserve.api.auth import digest
     from slotserve.app import build_app
-    from slotserve.auth import digest
     from slotserve.bundles.demo import publish_demo
     from slotserve.bundles.store import Store
 
@@ -113,7 +113,7 @@ def start_local(replicas: int):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    from slotserve.server import start_local_ray
+    from slotserve.cli.local_ray import start_local_ray
     start_local_ray(root / "run", include_dashboard=False, namespace="slotserve-bench",
                     logging_level="ERROR", log_to_driver=False,
                     runtime_env={"env_vars": {"SLOTSERVE_HOME": str(root)}})

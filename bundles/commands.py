@@ -197,8 +197,8 @@ def cmd_ledger(args: argparse.Namespace) -> int:
 # ---- demo-bundle ----------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from slotserve.bundles.demo import build_demo_model, demo_source
+    from slotserve.bundles.file_hash import hash_file
     from slotserve.bundles.source import read_source
-    from slotserve.bundles.store import hash_file
 
     store = _store(args, create=True) if args.publish else None  # fail on a bad store before building
     out = build_demo_model(args.arch, args.seed, Path(args.out))

@@ -307,8 +307,8 @@ def normalize_serving(user: Mapping[str, Any] | None, config: Mapping[str, Any])
     if "enable_prefix_caching" in user:   # absent: the engine's default (on for the lean path)
         out["enable_prefix_caching"] = _bool(user["enable_prefix_caching"], "enable_prefix_caching")
     # Sections owned by other parts: checked with their own parser when it is installed.
-    for key, module, parse in (("faults", "slotserve.faults", "Faults.from_dict"),
-                               ("safety", "slotserve.safety", "SafetyConfig.from_dict")):
+    for key, module, parse in (("faults", "slotserve.slots.faults", "Faults.from_dict"),
+                               ("safety", "slotserve.rollout.safety", "SafetyConfig.from_dict")):
         if user.get(key) is None:
             continue
         if not isinstance(user[key], Mapping):

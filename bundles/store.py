@@ -22,16 +22,12 @@ import errno
 import os
 from pathlib import Path
 
-from slotserve.bundles.file_hash import hash_file
 from slotserve.bundles.manifest import BundleError, Manifest
-from slotserve.bundles.publishing import CRASH_ENV, CRASH_POINTS, BundlePublishing, Published, default_actor
+from slotserve.bundles.publishing import BundlePublishing
 from slotserve.bundles.ref import Ref, parse_ref
 from slotserve.bundles.registry import BundleRecord, Registry
-from slotserve.bundles.source import SERVING_DEFAULTS, normalize_serving
-from slotserve.bundles.verification import BundleVerification, OpenedBundle
+from slotserve.bundles.verification import BundleVerification
 
-__all__ = ["Store", "BundleError", "OpenedBundle", "Published", "SERVING_DEFAULTS", "default_root",
-           "default_actor", "normalize_serving", "hash_file", "CRASH_ENV", "CRASH_POINTS"]
 
 
 def default_root() -> Path:
@@ -42,7 +38,7 @@ class Store(BundleVerification, BundlePublishing):
     """A bundle store at `root`; `create=False` refuses a directory that holds none yet."""
 
     def __init__(self, root: str | Path | None = None, *, create: bool = True):
-        # absolute: Ray starts from another directory (slotserve.server.neutral_cwd)
+        # absolute: Ray starts from another directory (slotserve.cli.serve.neutral_cwd)
         self.root = (Path(root).expanduser() if root is not None else default_root()).absolute()
         try:
             self._prepare(create)

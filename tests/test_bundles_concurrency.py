@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from slotserve.bundles.demo import build_demo_model
-from slotserve.bundles.store import CRASH_ENV, CRASH_POINTS, Store, hash_file
+from slotserve.bundles.file_hash import hash_file
+from slotserve.bundles.publishing import CRASH_ENV, CRASH_POINTS
+from slotserve.bundles.store import Store
 
 # Child: open the store, signal readiness, wait for the start file, publish, print the result.
 CHILD = r"""

@@ -128,7 +128,7 @@ def _need_demo_model():
 
 def test_demo_eval_set_has_twenty_real_items():
     from slotserve.bundles.demo import EVAL_SET, eval_lines
-    from slotserve.evals import parse_eval, score_output
+    from slotserve.rollout.evals import parse_eval, score_output
     items = parse_eval(eval_lines())
     assert len(items) == len(EVAL_SET) >= 20
     france = items[0]
@@ -161,7 +161,7 @@ def torch_bf16():
 def test_real_demo_bundle_carries_prompt_and_eval_set(tmp_path):
     _need_demo_model()
     from slotserve.bundles.demo import DEMO_PROMPTS, publish_real_demo
-    from slotserve.evals import load_eval
+    from slotserve.rollout.evals import load_eval
     store = Store(tmp_path)
     m = publish_real_demo(store, "demo")
     assert m.ref == "demo:1" and publish_real_demo(store, "demo").ref == "demo:1"  # a no-op

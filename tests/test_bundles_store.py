@@ -10,7 +10,8 @@ import pytest
 
 from slotserve.bundles.demo import build_demo_model
 from slotserve.bundles.manifest import BundleError, Lineage, Manifest
-from slotserve.bundles.store import SERVING_DEFAULTS, Store
+from slotserve.bundles.source import SERVING_DEFAULTS
+from slotserve.bundles.store import Store
 
 
 @pytest.fixture(scope="module")

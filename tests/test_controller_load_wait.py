@@ -7,7 +7,7 @@ import pytest
 
 from slotserve.bundles.demo import publish_demo
 from slotserve.bundles.store import Store
-from slotserve.controller import SlotController
+from slotserve.control.controller import SlotController
 
 
 @pytest.fixture()

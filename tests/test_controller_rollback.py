@@ -9,8 +9,8 @@ import pytest
 
 from slotserve.bundles.demo import publish_demo
 from slotserve.bundles.store import Store
-from slotserve.controller_core import ControlError, ControllerCore
-from slotserve.desired_state import DesiredState, SlotRef
+from slotserve.control import ControlError, ControllerCore
+from slotserve.control import DesiredState, SlotRef
 
 SPEC = {"bundle": "demo:3", "strategy": "canary", "steps": [50, 100], "bake": "1h", "min_requests": 1,
         "guards": [{"metric": "error_rate", "op": ">", "value": 0.5, "action": "rollback"}]}
@@ -101,7 +101,7 @@ def test_manual_and_automatic_rollback_release_the_candidate_alike(core, store, 
 
 
 def test_rollback_decision_is_pure():
-    from slotserve.transitions import rollback as rollback_transition
+    from slotserve.control.transitions import rollback as rollback_transition
     one, two, three = (SlotRef(f"demo:{i}", f"sha256:{i}") for i in (1, 2, 3))
     s = DesiredState(version=7, live=two, previous=one, candidate=three, evict_previous=True,
                      weights={"live": 100.0}, window_epoch=3)

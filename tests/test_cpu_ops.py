@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slotserve.cpu_ops import SKINNY_ROWS, linear
+from slotserve.models.cpu_ops import SKINNY_ROWS, linear
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 17, 64, 65, 200])
@@ -38,8 +38,8 @@ def test_linear_uses_the_transposed_product_only_where_measured():
 # kernels are tested against.
 @pytest.mark.parametrize("rows,width", [(1, 512), (8, 512), (64, 96), (33, 64)])
 def test_fused_rms_norm_is_bit_identical_to_the_reference(rows, width):
-    from slotserve.cpu_ops import rms_norm
     from slotserve.kernels import rms_norm_ref
+    from slotserve.models.cpu_ops import rms_norm
 
     g = torch.Generator().manual_seed(rows)
     x, r, w = torch.randn(rows, width, generator=g), torch.randn(rows, width, generator=g), torch.randn(width, generator=g)
@@ -50,8 +50,8 @@ def test_fused_rms_norm_is_bit_identical_to_the_reference(rows, width):
 
 
 def test_rope_table_gathered_once_is_bit_identical_to_the_reference():
-    from slotserve.cpu_ops import rope
     from slotserve.kernels import apply_rope_ref, build_cos_sin_cache
+    from slotserve.models.cpu_ops import rope
 
     cache = build_cos_sin_cache(512, 64, dtype=torch.float32, device="cpu")
     pos = torch.tensor([0, 5, 300, 301, 7])
@@ -64,8 +64,8 @@ def test_rope_table_gathered_once_is_bit_identical_to_the_reference():
 
 @pytest.mark.parametrize("head_major", [False, True])
 def test_store_kv_writes_what_the_reference_writes(head_major):
-    from slotserve.cpu_ops import store_kv
     from slotserve.kernels import store_kv_ref
+    from slotserve.models.cpu_ops import store_kv
 
     def pools():
         shape = (2, 4, 16, 8) if head_major else (4, 16, 2, 8)   # [Hk, NB, BS, D] storage or [NB, BS, Hk, D]
@@ -83,7 +83,7 @@ def test_store_kv_writes_what_the_reference_writes(head_major):
 
 
 def test_fused_forms_apply_to_fp32_cpu_on_the_torch_side_only(monkeypatch):
-    from slotserve.cpu_ops import applies
+    from slotserve.models.cpu_ops import applies
 
     assert applies(torch.zeros(2, 4))
     assert not applies(torch.zeros(2, 4, dtype=torch.bfloat16))

@@ -9,9 +9,10 @@ import time
 
 import pytest
 
-from slotserve.drill import DrillConfig, drill_spec, parse_faults
-from slotserve.drill_load import DrillError, Poll, Sample
-from slotserve.drill_report import FIGURES, analyse, format_table, plot
+from slotserve.drill.config import DrillConfig, drill_spec, parse_faults
+from slotserve.drill.load import DrillError, Poll, Sample
+from slotserve.drill.plot import plot
+from slotserve.drill.report import FIGURES, analyse, format_table
 
 LIVE, CAND = "demo:1", "demo:2"
 T0 = 1_000_000.0
@@ -118,7 +119,7 @@ def test_faults_and_spec():
     for bad in (["error_rate=2"], ["oom_after=x"], ["oom_after=0"], ["slow=1"]):
         with pytest.raises(DrillError):
             parse_faults(bad)
-    from slotserve.spec import RolloutSpec
+    from slotserve.rollout.spec import RolloutSpec
     spec = RolloutSpec.parse(drill_spec(CAND, 25))
     assert spec.plan == (25.0,) and {g.metric for g in spec.guards} >= {"error_rate", "oom_events"}
     with pytest.raises(DrillError):

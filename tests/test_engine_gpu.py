@@ -91,7 +91,7 @@ def test_capture_and_recapture_beside_a_decoding_engine(tiny, monkeypatch):
     capturing". Both must give eager's tokens, and A must have stepped during each capture."""
     import threading
 
-    from slotserve import cuda_graphs
+    from slotserve.engine import cuda_graphs
 
     _, path = tiny
     kw = dict(device="cuda", dtype="float32", max_batch=8)

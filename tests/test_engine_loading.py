@@ -13,9 +13,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from slotserve.engine import Engine, SamplingParams
-from slotserve.kv_cache import BlockAllocator
-from slotserve.model import LeanConfig, rope_inv_freq
-from slotserve.weights import TensorPool, WeightsError
+from slotserve.engine.kv_cache import BlockAllocator
+from slotserve.engine.weights import TensorPool, WeightsError
+from slotserve.models.llama import LeanConfig, rope_inv_freq
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 PROMPTS = [[1, 17, 42, 99, 3], [1, 5], list(range(30, 60))]

@@ -105,9 +105,9 @@ def test_cpu_decode_attention_matches_kernel_reference(head_major):
     # The lean model's torch-side decode attention (gather + SDPA) against the kernels' ref,
     # on both KV layouts (token-major as on CUDA, head-major as the CPU path allocates):
     # both fp32, different summation order -> ~1e-7; 1e-5 leaves room for other CPUs.
-    from slotserve.cpu_ops import paged_decode_attention_sdpa
+    from slotserve.engine.kv_cache import KVCache, KVLayout
     from slotserve.kernels import paged_decode_attention_ref, store_kv_ref
-    from slotserve.kv_cache import KVCache, KVLayout
+    from slotserve.models.cpu_ops import paged_decode_attention_sdpa
 
     g = torch.Generator().manual_seed(0)
     for b, hq, hk, d, bs in [(5, 8, 2, 64, 16), (1, 4, 4, 32, 16), (3, 6, 3, 16, 8)]:

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-import slotserve.kv_cache as kv_cache_mod
 from slotserve.engine import Engine, EngineParkedError, SamplingParams
-from slotserve.weights import TensorPool
+import slotserve.engine.kv_cache as kv_cache_mod
+from slotserve.engine.weights import TensorPool
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 PROMPTS = [[1, 17, 42, 99, 3], [1, 5], list(range(30, 60))]
@@ -162,7 +162,7 @@ def test_transformers_fallback_parks_too(tmp_path):
 def test_failed_load_releases_pool_claims(llama_dir, other_dir, monkeypatch, where):
     """An OOM partway through from_pretrained (after weights were claimed from / added to
     the shared pool) leaves the pool exactly as it was."""
-    import slotserve.runner as runner_mod
+    import slotserve.engine.runner as runner_mod
 
     pool = TensorPool()
     with Engine.from_pretrained(llama_dir, tensor_pool=pool) as live:

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from slotserve.faults import FaultInjector, Faults, InjectedError, InjectedOOM
+from slotserve.slots.faults import FaultInjector, Faults, InjectedError, InjectedOOM
 
 
 def test_parse_and_as_dict():

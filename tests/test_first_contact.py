@@ -101,7 +101,7 @@ def test_greedy_parity_with_transformers_over_http(server):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from slotserve.bundle_view import BundleView
+    from slotserve.api.bundle_view import BundleView
     from slotserve.bundles.store import Store
 
     bundle = Store(server["home"]).open("demo:1")

@@ -41,7 +41,7 @@ def test_bare_kernels_is_never_ours():
 _RAY_PROBE = """
 import importlib.util, json, os, sys
 import ray
-from slotserve.server import start_local_ray
+from slotserve.cli.local_ray import start_local_ray
 
 @ray.remote
 def probe():

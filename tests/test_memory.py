@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from slotserve.memory import (DeviceMemory, LoadEstimate, MemoryPlanError, device_memory,
+from slotserve.slots.planner import (DeviceMemory, LoadEstimate, MemoryPlanError, device_memory,
                               estimate, format_size, parse_size, plan)
 
 

@@ -1,10 +1,10 @@
-"""CPU serving processes get OpenMP settings before torch loads (slotserve.openmp)."""
+"""CPU serving processes get OpenMP settings before torch loads (slotserve.cli.openmp)."""
 
 import os
 import subprocess
 import sys
 
-from slotserve import openmp
+from slotserve.cli import openmp
 
 # the CLI's entry point (help only), then what it leaves in the environment
 PROBE = ("import os, slotserve.cli as c; c.main([]); "

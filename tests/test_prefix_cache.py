@@ -19,9 +19,9 @@ import torch
 from slotserve.bundles.manifest import BundleError
 from slotserve.bundles.source import normalize_serving
 from slotserve.engine import Engine, SamplingParams
-from slotserve.kv_cache import BlockAllocator
-from slotserve.prefix_cache import block_key, prefix_keys
-from slotserve.scheduler import Scheduler, Sequence, SeqStatus
+from slotserve.engine.kv_cache import BlockAllocator
+from slotserve.engine.prefix_cache import block_key, prefix_keys
+from slotserve.engine.scheduler import Scheduler, Sequence, SeqStatus
 
 # the parity tests' model builders and transformers reference (not importable by name:
 # tests are no package, and the repository root is never on sys.path)

@@ -21,7 +21,7 @@ import pytest
 
 from slotserve.bundles.demo import publish_demo
 from slotserve.bundles.store import Store
-from slotserve.controller import SlotController
+from slotserve.control.controller import SlotController
 from slotserve.engine import SamplingParams
 from slotserve.replica import LocalController, Replica, Settings
 from slotserve.slots import LoadAborted, SlotManager
@@ -58,7 +58,7 @@ class SlowReads:
 
 @pytest.fixture
 def slow_reads(monkeypatch):
-    from slotserve.weights import TensorPool
+    from slotserve.engine.weights import TensorPool
 
     slow = SlowReads()
     monkeypatch.setattr(TensorPool, "acquire", slow.wrap(TensorPool.acquire))

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from slotserve import rollout
-from slotserve.evals import EvalError, load_eval, parse_eval, run_eval, score_output
-from slotserve.rollout import Alerted, EvalGated, RolledBack, StepAdvanced
-from slotserve.spec import RolloutSpec
+from slotserve.rollout import machine as rollout
+from slotserve.rollout.evals import EvalError, load_eval, parse_eval, run_eval, score_output
+from slotserve.rollout.machine import Alerted, EvalGated, RolledBack, StepAdvanced
+from slotserve.rollout.spec import RolloutSpec
 
 LINES = [
     {"prompt": "2+2=", "expected": "4"},

@@ -4,10 +4,10 @@ import random
 
 import pytest
 
-from slotserve.guards import Advance, Alert, Hold, Promote, Rollback, StepState, decide, evaluate
-from slotserve.shadow import compare
-from slotserve.spec import Guard, RolloutSpec
-from slotserve.window import RequestOutcome, WindowSet
+from slotserve.rollout.guards import Advance, Alert, Hold, Promote, Rollback, StepState, decide, evaluate
+from slotserve.rollout.shadow import compare
+from slotserve.rollout.spec import Guard, RolloutSpec
+from slotserve.rollout.window import RequestOutcome, WindowSet
 
 
 def stream(ws, slot, n, *, seed=0, err=0.0, lat=20.0, jitter=5.0, ttft=5.0, nan=0.0, safety=0.0,

@@ -6,13 +6,13 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from slotserve import rollout
-from slotserve.rollout import (Aborted, Alerted, Promoted, Resumed, RolledBack, RolloutError, StepAdvanced,
+from slotserve.rollout import machine as rollout
+from slotserve.rollout.machine import (Aborted, Alerted, Promoted, Resumed, RolledBack, RolloutError, StepAdvanced,
                                event_dict)
-from slotserve.router import route, shadow_mirror
-from slotserve.shadow import compare
-from slotserve.spec import RolloutSpec
-from slotserve.window import RequestOutcome, WindowSet
+from slotserve.rollout.router import route, shadow_mirror
+from slotserve.rollout.shadow import compare
+from slotserve.rollout.spec import RolloutSpec
+from slotserve.rollout.window import RequestOutcome, WindowSet
 
 HEALTHY = {"err": 0.0, "lat": 20.0}
 GUARDS = [

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slotserve.router import bucket, route, shadow_mirror, sticky_value
+from slotserve.rollout.router import bucket, route, shadow_mirror, sticky_value
 
 N = 4000  # keys per example
 SIGMAS = 5.0  # bound on |observed - expected| in binomial standard deviations
@@ -70,7 +70,7 @@ def test_three_slots_split():
 
 def test_hash_is_stable_across_processes():
     # Not Python's hash(): every replica (and every release) must agree on the split.
-    code = "from slotserve.router import bucket; print(repr(bucket('user-1', 'salt')))"
+    code = "from slotserve.rollout.router import bucket; print(repr(bucket('user-1', 'salt')))"
     out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=60,
                          env={"PYTHONHASHSEED": "123"})
     assert float(out.stdout) == bucket("user-1", "salt")

@@ -5,8 +5,8 @@ import pathlib
 
 import pytest
 
-from slotserve.spec import METRICS, Guard, RolloutSpec, SpecError, parse_duration
-from slotserve.window import WindowMetrics
+from slotserve.rollout.spec import METRICS, Guard, RolloutSpec, SpecError, parse_duration
+from slotserve.rollout.window import WindowMetrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -150,7 +150,7 @@ def test_guard_direct_construction_validates():
 
 def test_relative_guard_needs_live_traffic_in_the_first_step():
     import pytest
-    from slotserve.spec import RolloutSpec, SpecError
+    from slotserve.rollout.spec import RolloutSpec, SpecError
 
     guard = {"metric": "p99_latency_ms", "op": ">", "value": 1.5, "relative_to": "live", "action": "rollback"}
     with pytest.raises(SpecError, match="live has no samples"):

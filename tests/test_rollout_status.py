@@ -3,11 +3,11 @@ a step has run without trusting its own; `slotserve rollout status` prints it.""
 
 from __future__ import annotations
 
-from slotserve import admin_client
 from slotserve.bundles.demo import publish_demo
 from slotserve.bundles.store import Store
+from slotserve.cli import admin as admin_client
 from slotserve.cli import main
-from slotserve.controller_core import ControllerCore
+from slotserve.control import ControllerCore
 
 
 class Clock:

@@ -4,9 +4,9 @@ import threading
 
 import pytest
 
-from slotserve.safety import DEFAULT_TERMS, SafetyCheck, SafetyConfig, SafetyFilter
-from slotserve.shadow import ShadowDiff, compare, token_agreement
-from slotserve.window import MetricWindow, RequestOutcome, WindowMetrics, WindowSet, percentile
+from slotserve.rollout.safety import DEFAULT_TERMS, SafetyCheck, SafetyConfig, SafetyFilter
+from slotserve.rollout.shadow import ShadowDiff, compare, token_agreement
+from slotserve.rollout.window import MetricWindow, RequestOutcome, WindowMetrics, WindowSet, percentile
 
 
 def out(slot="candidate", bundle="b:2", latency=10.0, **kw):

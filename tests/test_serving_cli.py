@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from slotserve import admin_client
+from slotserve.cli import admin as admin_client
 from slotserve.cli import main
 
 
@@ -18,7 +18,7 @@ from slotserve.cli import main
 def core(tmp_path, monkeypatch):
     from slotserve.bundles.demo import publish_demo
     from slotserve.bundles.store import Store
-    from slotserve.controller import ControlError, ControllerCore
+    from slotserve.control import ControlError, ControllerCore
 
     store = Store(tmp_path)
     publish_demo(store, "demo", seed=0)
@@ -115,11 +115,11 @@ def served(tmp_path, monkeypatch):
     only demo:1, as right after `slotserve serve`; the CLI's HTTP calls go to it."""
     import httpx
 
-    from slotserve.app import create_app
-    from slotserve.auth import digest
+    from slotserve.api.auth import digest
+    from slotserve.api.routes import create_app
     from slotserve.bundles.demo import publish_demo
     from slotserve.bundles.store import Store
-    from slotserve.controller import SlotController
+    from slotserve.control.controller import SlotController
     from slotserve.replica import LocalController, Replica, Settings
 
     monkeypatch.setenv("SLOTSERVE_HOME", str(tmp_path))

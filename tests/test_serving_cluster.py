@@ -20,11 +20,11 @@ def test_two_node_cluster(tmp_path, monkeypatch):
     from ray import serve
     from ray.cluster_utils import Cluster
 
+    from slotserve.api.auth import digest
     from slotserve.app import build_app
-    from slotserve.auth import digest
     from slotserve.bundles.demo import publish_demo
     from slotserve.bundles.store import Store
-    from slotserve.server import neutral_cwd
+    from slotserve.cli.local_ray import neutral_cwd
 
     store = Store(tmp_path)
     publish_demo(store, "demo", seed=0)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slotserve.auth import TokenCheck, digest, ensure_token, read_token
+from slotserve.api.auth import TokenCheck, digest, ensure_token, read_token
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def test_admin_token_file_is_private(tmp_path, monkeypatch):
 def test_controller_state_survives_restart_and_refuses_bad_ops(tmp_path):
     from slotserve.bundles.demo import publish_demo
     from slotserve.bundles.store import Store
-    from slotserve.controller import ControlError, ControllerCore
+    from slotserve.control import ControlError, ControllerCore
 
     store = Store(tmp_path)
     publish_demo(store, "demo", seed=0)

@@ -7,9 +7,12 @@ import json
 
 import pytest
 
-from slotserve.handler import BundleView, Handler, Routing, TextStream
-from slotserve.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
-                                FeedbackRequest, ValidationError, describe_validation_error)
+from pydantic import ValidationError
+
+from slotserve.api.bundle_view import BundleView, TextStream
+from slotserve.api.errors import APIError, describe_validation_error
+from slotserve.api.handler import Handler, Routing
+from slotserve.api.requests import ChatCompletionRequest, CompletionRequest, FeedbackRequest
 
 
 class CharTokenizer:
@@ -250,7 +253,7 @@ def feedback_error(h, rid):
 
 
 def test_feedback_counts_only_ids_this_app_issued_and_each_once():
-    from slotserve.response_ids import ResponseIds
+    from slotserve.api.response_ids import ResponseIds
 
     v = view()
     secret = {"sha": "ab" * 32}

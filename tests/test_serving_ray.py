@@ -45,8 +45,8 @@ def server(tmp_path_factory):
     ray = pytest.importorskip("ray")
     from ray import serve
 
+    from slotserve.api.auth import digest
     from slotserve.app import build_app
-    from slotserve.auth import digest
     from slotserve.bundles.demo import publish_demo
     from slotserve.bundles.store import Store
 
@@ -55,7 +55,7 @@ def server(tmp_path_factory):
     publish_demo(store, "demo", seed=0)
     publish_demo(store, "demo", seed=1)
     port = _free_port()
-    from slotserve.server import start_local_ray
+    from slotserve.cli.local_ray import start_local_ray
     start_local_ray(root / "run", num_cpus=2, include_dashboard=False, namespace="slotserve-test",
                     logging_level="ERROR", log_to_driver=False,
                     runtime_env={"env_vars": {"SLOTSERVE_HOME": str(root)}})

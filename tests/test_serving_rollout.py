@@ -15,11 +15,11 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import httpx
 import pytest
 
-from slotserve.app import create_app
-from slotserve.auth import digest
+from slotserve.api.auth import digest
+from slotserve.api.routes import create_app
 from slotserve.bundles.demo import build_demo_model, publish_demo
 from slotserve.bundles.store import Store
-from slotserve.controller import SlotController
+from slotserve.control.controller import SlotController
 from slotserve.replica import LocalController, Replica, Settings
 
 TOKEN = "rollout-token"

@@ -17,8 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from slotserve import server
-from slotserve.cli import build_parser, main
+from slotserve.cli import build_parser, main, serve, serve_options
 
 # option -> (flag value, file value, default); flags are strings as on a command line
 CASES = {
@@ -37,13 +36,13 @@ CASES = {
 TYPED = {"replicas": int, "port": int, "dashboard_port": int}
 
 
-def _opts(tmp_path, argv: list[str], config: dict | None = None) -> server.ServeOptions:
+def _opts(tmp_path, argv: list[str], config: dict | None = None) -> serve_options.ServeOptions:
     if config is not None:
         path = tmp_path / "serve.yaml"
         path.write_text("".join(f"{k}: {v!r}\n" if isinstance(v, str) else f"{k}: {v}\n"
                                 for k, v in config.items()))
         argv = [*argv, "--config", str(path)]
-    return server.resolve_options(build_parser().parse_args(["serve", *argv]))
+    return serve_options.resolve_options(build_parser().parse_args(["serve", *argv]))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -58,7 +57,7 @@ def test_flag_beats_file_beats_default(tmp_path, name):
 
 
 def test_every_option_is_a_flag_or_a_file_key():
-    assert set(CASES) | {"autoscaling_config"} == set(server.VALID_KEYS)
+    assert set(CASES) | {"autoscaling_config"} == set(serve_options.VALID_KEYS)
 
 
 def test_reviewer_repro_port_and_name_from_the_file(tmp_path):
@@ -66,7 +65,7 @@ def test_reviewer_repro_port_and_name_from_the_file(tmp_path):
     assert (opts.port, opts.name, opts.dashboard_port, opts.host) == (8011, "myapp", 8267, "127.0.0.1")
     cfg = tmp_path / "auto.yaml"
     cfg.write_text("autoscaling_config: {min_replicas: 1, max_replicas: 3}\n")
-    opts = server.resolve_options(build_parser().parse_args(["serve", "--config", str(cfg)]))
+    opts = serve_options.resolve_options(build_parser().parse_args(["serve", "--config", str(cfg)]))
     assert opts.autoscaling_config == {"min_replicas": 1, "max_replicas": 3}
 
 
@@ -127,13 +126,13 @@ def test_bind_failures_from_ray_become_one_line():
     # what Ray raises when another process takes a port between our check and its bind
     proxy = RuntimeError("ray::ProxyActor.ready() (pid=1)\n  File ...\n"
                          "RuntimeError: Failed to bind to address '127.0.0.1:8000'.")
-    assert server.bind_failure(proxy) == ("HTTP API: cannot listen on 127.0.0.1:8000 (in use or not "
+    assert serve.bind_failure(proxy) == ("HTTP API: cannot listen on 127.0.0.1:8000 (in use or not "
                                           "available); choose another port with --port")
     dash = ValueError("Failed to bind to 127.0.0.1:8265 because it's already occupied. You can use "
                       "`ray start --dashboard-port ...` or `ray.init(dashboard_port=...)` to select a different port.")
-    assert server.bind_failure(dash) == ("Ray dashboard: 127.0.0.1:8265 is already in use; choose another "
+    assert serve.bind_failure(dash) == ("Ray dashboard: 127.0.0.1:8265 is already in use; choose another "
                                          "port with --dashboard-port")
-    assert server.bind_failure(RuntimeError("something else")) is None
+    assert serve.bind_failure(RuntimeError("something else")) is None
 
 
 # ---------------------------------------------------------------- a real start

@@ -8,7 +8,7 @@ import pytest
 from slotserve.bundles.demo import build_demo_model
 from slotserve.bundles.store import Store
 from slotserve.engine import SamplingParams
-from slotserve.memory import MemoryPlanError
+from slotserve.slots import MemoryPlanError
 from slotserve.slots import SlotManager
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8)

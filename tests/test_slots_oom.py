@@ -10,9 +10,9 @@ import torch
 from slotserve.bundles.demo import build_demo_model
 from slotserve.bundles.store import Store
 from slotserve.engine import SamplingParams
-from slotserve.faults import InjectedError
-from slotserve.memory import MemoryPlanError
+from slotserve.slots import MemoryPlanError
 from slotserve.slots import Overloaded, SlotManager
+from slotserve.slots.faults import InjectedError
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
 PROMPT = [1, 2, 3]

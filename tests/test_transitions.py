@@ -1,14 +1,14 @@
-"""The controller's pure decisions (`slotserve.transitions`): an operation on a desired
+"""The controller's pure decisions (`slotserve.control.transitions`): an operation on a desired
 state -> the fields to change and the ledger rows, or a refusal that says what to do."""
 
 from __future__ import annotations
 
 import pytest
 
-from slotserve import rollout as ro
-from slotserve import transitions as tr
-from slotserve.desired_state import DesiredState, SlotRef
-from slotserve.spec import RolloutSpec
+from slotserve.control import transitions as tr
+from slotserve.control import DesiredState, SlotRef
+from slotserve.rollout import machine as ro
+from slotserve.rollout.spec import RolloutSpec
 
 ONE, TWO, THREE = (SlotRef(f"demo:{i}", f"sha256:{i}") for i in (1, 2, 3))
 NO_CANDIDATE = {"candidate": None, "weights": {"live": 100.0}, "mirror_fraction": 0.0, "evict_previous": False}
@@ -69,8 +69,8 @@ def test_resume_is_persisted(tmp_path):
     """An acknowledged alert stays acknowledged across a controller restart."""
     from slotserve.bundles.demo import publish_demo
     from slotserve.bundles.store import Store
-    from slotserve.controller_core import ControllerCore
-    from slotserve.window import RequestOutcome
+    from slotserve.control import ControllerCore
+    from slotserve.rollout.window import RequestOutcome
 
     store = Store(tmp_path)
     publish_demo(store, "demo", seed=0)

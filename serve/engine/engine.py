@@ -1,0 +1,296 @@
+"""`Engine`: one model's weights, KV pool and a background step thread; batch and streaming API.
+
+    eng = Engine.from_pretrained(path, device="cpu")
+    eng.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=8))   # -> [[...]]
+    h = eng.submit([1, 2, 3], params)       # thread-safe
+    async for tok in h: ...                 # or: for tok in h.tokens(): ...
+    h.cancel(); h.finish_reason             # "stop" | "length" | "cancelled" | "error"
+
+Threads: callers only touch the scheduler under `_cond`; the step thread holds it while
+scheduling and while applying a step's results, never during the forward pass. Tokens go
+to each handle as they are sampled (async consumers are woken on their own event loop
+with `call_soon_threadsafe`). A failed step (out of memory, an injected fault, NaN
+logits) fails the requests of that step with `handle.error` set and the engine keeps
+serving. Stop tokens (EOS, `stop_token_ids`) are included in the output, with
+finish_reason "stop".
+
+Tiers: `park()` moves the weights this engine holds alone to host memory (pinned on CUDA)
+and drops its KV pool and CUDA graphs; `unpark()` brings them back. A parked engine
+refuses `submit` with `EngineParkedError`. Tensors shared through the `TensorPool` with
+another engine stay where they are (moving them would free nothing and pull them out
+from under that engine).
+
+CUDA: each engine runs its steps on its own stream, and captures its decode graphs on
+that stream in thread-local capture mode with a graph memory pool of its own, so one
+engine can capture while another serves (see serve/cuda_graphs.py).
+
+Layout: this file is the façade (construction, submit/generate, state, close); the
+request types live in serve/request.py, loading in serve/loader.py, the step thread in
+serve/step_loop.py and park/unpark in serve/parking.py (names re-exported here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from slotserve.engine.kv_cache import BlockAllocator, KVCache, blocks_for, num_blocks_for_budget
+from slotserve.engine.loader import load_engine
+from slotserve.engine.parking import ParkState, Parking, _empty_cache
+from slotserve.engine.request import (AdmissionError, EngineClosedError, EngineParkedError,
+                               RequestHandle, SamplingParams)
+from slotserve.engine.scheduler import Scheduler, Sequence, SeqStatus
+from slotserve.engine.step_loop import StepLoop
+from slotserve.engine.weights import TensorPool, unique_bytes
+
+
+log = logging.getLogger("slotserve.engine")
+
+
+@dataclass(frozen=True)
+class EngineMemory:
+    weight_bytes: int                  # distinct weight storage this engine uses
+    shared_weight_bytes: int           # of which another engine also holds (tensor pool)
+    kv_bytes: int                      # the paged KV pool (0 on the transformers path: grows per request)
+
+
+class Engine(StepLoop, Parking):
+    """Use `Engine.from_pretrained`. `path` says which model code serves: "lean" or "transformers"."""
+
+    def __init__(self, runner, *, eos_token_ids: tuple[int, ...], max_model_len: int, max_batch: int,
+                 kv_tokens: int, block_size: int, max_prefill_tokens: int, kv: KVCache | None = None,
+                 tensor_pool: TensorPool | None = None, owner: object = None, model_dir: str = "",
+                 fallback_reason: str | None = None, stream: "torch.cuda.Stream | None" = None,
+                 enable_prefix_caching: bool = False):
+        self.runner = runner
+        self.path: str = runner.path
+        self.fallback_reason = fallback_reason
+        self.model_dir = model_dir
+        self.device = runner.device
+        self.vocab_size = runner.vocab_size
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.max_model_len = max_model_len
+        self.max_batch = max_batch
+        self.block_size = block_size
+        self.kv = kv
+        self.step_hook: Callable[[], None] | None = None          # before each forward (fault injection)
+        self.logits_hook: Callable[[torch.Tensor], torch.Tensor | None] | None = None   # before sampling
+        self._pool, self._owner = tensor_pool, owner
+        self._stream = stream                                     # CUDA: this engine's own stream
+        self._weight_bytes = unique_bytes(runner.weights())
+        self._tier = "device"                                     # device | moving | host
+        self._parked: ParkState | None = None
+        self._host: dict[int, tuple[torch.Tensor, object]] = {}   # id(host copy) -> (it, pool key)
+        self._kv_layout = kv.layout if kv is not None else None
+        self._in_step = False                                     # a batch is between schedule and results
+        self._op_lock = threading.RLock()                         # park / unpark / close, one at a time
+        self.allocator = BlockAllocator(num_blocks_for_budget(kv_tokens, block_size), block_size)
+        self.scheduler = Scheduler(self.allocator, max_batch=max_batch, max_model_len=max_model_len,
+                                   max_prefill_tokens=max_prefill_tokens, on_release=runner.release,
+                                   spread_blocks=runner.path == "lean" and runner.device.type == "cpu",
+                                   # the transformers fallback keeps its own cache per sequence
+                                   prefix_caching=enable_prefix_caching and runner.path == "lean")
+        self._cond = threading.Condition()
+        self._closed = False
+        self._next_id = 0
+        self._rng = random.Random()
+        self._counts = {"submitted": 0, "finished": 0, "errors": 0, "steps": 0, "prefill_steps": 0,
+                        "mixed_steps": 0}
+        self._thread = threading.Thread(target=self._loop, name="slotserve-engine-step", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=None, *, max_model_len=None, max_batch=None,
+                        kv_cache_tokens=None, tensor_pool: TensorPool | None = None, block_size: int = 16,
+                        max_prefill_tokens: int | None = None, enforce_eager: bool = False,
+                        model_impl: str = "auto", enable_prefix_caching: bool | None = None) -> "Engine":
+        """Load an HF model directory, a bundle directory (model/ + serving.json + manifest.json),
+        or a hub checkpoint `hub:ORG/REPO[@REVISION]` (safetensors and configs only; see
+        `slotserve.bundles.hub`).
+
+        Explicit arguments override serving.json, which overrides the defaults. dtype None or
+        "auto": the config's dtype on CUDA (bf16 if it names none), float32 on CPU.
+        model_impl: "auto" (lean when the architecture allows), "lean" (refuse otherwise) or
+        "transformers" (always the fallback).
+        enable_prefix_caching: reuse the KV blocks of prompt prefixes computed before (None:
+        serving.json's `enable_prefix_caching`, else on); the transformers fallback never does.
+        """
+        return load_engine(cls, path, device, dtype, max_model_len=max_model_len, max_batch=max_batch,
+                           kv_cache_tokens=kv_cache_tokens, tensor_pool=tensor_pool, block_size=block_size,
+                           max_prefill_tokens=max_prefill_tokens, enforce_eager=enforce_eager,
+                           model_impl=model_impl, enable_prefix_caching=enable_prefix_caching)
+
+    # ------------------------------------------------------------------------------ requests
+    def submit(self, prompt_ids, params: SamplingParams | None = None) -> RequestHandle:
+        """Queue one request (thread-safe). Raises AdmissionError if it can never be served."""
+        params = params or SamplingParams()
+        prompt = self._check(prompt_ids, params)
+        stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+        with self._cond:
+            if self._closed:
+                raise EngineClosedError("engine is closed")
+            if self._tier != "device":
+                raise EngineParkedError(f"engine is parked in host memory (tier {self._tier!r}); "
+                                        "unpark() it before submitting requests")
+            rid = self._next_id
+            self._next_id += 1
+            handle = RequestHandle(self, rid, prompt, params)
+            seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+            seq = Sequence(seq_id=rid, prompt_len=len(prompt), token_ids=list(prompt), max_tokens=params.max_tokens,
+                           stop_ids=frozenset(stop), seed=seed, handle=handle)
+            handle._seq = seq
+            self.scheduler.add(seq)
+            self._counts["submitted"] += 1
+            self._cond.notify_all()
+        return handle
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[list[int]]:
+        """Run a batch to completion -> output ids per prompt (stop tokens included).
+
+        Every request is checked before any is queued; a request that fails raises its error.
+        """
+        params = params or SamplingParams()
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
+        for p, sp in zip(prompts, plist):
+            self._check(p, sp)
+        handles = [self.submit(p, sp) for p, sp in zip(prompts, plist)]
+        try:
+            return [h.result() for h in handles]
+        finally:
+            for h in handles:
+                h.cancel()  # no-op for finished ones; frees the rest if we raise
+
+    def _check(self, prompt_ids, params: SamplingParams) -> list[int]:
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise AdmissionError("prompt is empty; at least one token id is required")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise AdmissionError(f"token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+        if len(prompt) >= self.max_model_len:
+            raise AdmissionError(f"prompt has {len(prompt)} tokens but max_model_len is {self.max_model_len}; "
+                                 f"at most {self.max_model_len - 1} prompt tokens leave room to generate")
+        # Worst case the sequence holds prompt + max_tokens - 1 tokens in the pool (the last
+        # sampled one is never fed back); it must fit alone, or it could never finish.
+        need = min(len(prompt) + params.max_tokens, self.max_model_len) - 1
+        cap = self.allocator.capacity_tokens
+        if blocks_for(need, self.block_size) > self.allocator.num_blocks:
+            raise AdmissionError(
+                f"request needs up to {need} KV tokens (prompt {len(prompt)} + max_tokens {params.max_tokens}, "
+                f"max_model_len {self.max_model_len}) but the KV pool holds {cap}; lower max_tokens or raise "
+                f"kv_cache_tokens")
+        return prompt
+
+    def _cancel(self, handle: RequestHandle) -> None:
+        with self._cond:
+            seq = handle._seq
+            if seq is None or seq.status is SeqStatus.FINISHED:
+                return
+            self.scheduler.finish(seq, "cancelled")
+            self._counts["finished"] += 1
+            handle._push(None, "cancelled")
+            self._cond.notify_all()
+
+    def _fail(self, seqs, error: BaseException) -> None:
+        """Finish `seqs` with `error` (caller holds the lock)."""
+        for seq in seqs:
+            if seq.status is not SeqStatus.FINISHED:
+                self.scheduler.finish(seq, "error")
+                self._counts["finished"] += 1
+                self._counts["errors"] += 1
+                seq.handle._push(None, "error", error)
+
+    # ------------------------------------------------------------------------------ state
+    def memory(self) -> EngineMemory:
+        shared = self._pool.shared_bytes(self._owner) if self._pool is not None and self._owner else 0
+        return EngineMemory(self._weight_bytes, shared, self.kv.nbytes if self.kv is not None else 0)
+
+    def stats(self) -> dict:
+        with self._cond:
+            return {"path": self.path, **self.scheduler.stats(), **self._counts,
+                    "kv_capacity_tokens": self.allocator.capacity_tokens, "max_batch": self.max_batch,
+                    "max_model_len": self.max_model_len, "closed": self._closed, "tier": self._tier}
+
+    def weight_tensors(self) -> list[torch.Tensor]:
+        """The tensors the model computes with now (device, or host copies while parked);
+        tied and pool-deduplicated weights appear once per use."""
+        return [t for t in self.runner.weights() if t is not None]
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def tier(self) -> str:
+        """"device" (serving), "host" (parked) or "moving" (between the two)."""
+        return self._tier
+
+    @property
+    def parked(self) -> ParkState | None:
+        """What the last `park()` did while the engine is parked; None on the device."""
+        return self._parked
+
+    def close(self) -> None:
+        """Stop the step thread, fail what is still queued or running, free the KV pool."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        on_step_thread = threading.current_thread() is self._thread
+        if not on_step_thread:
+            self._thread.join()
+        # a park/unpark in progress finishes first (not on the step thread: a park may be
+        # waiting for this very step to end)
+        with self._op_lock if not on_step_thread else contextlib.nullcontext():
+            with self._cond:
+                self._fail(list(self.scheduler.running) + list(self.scheduler.waiting),
+                           EngineClosedError("engine closed before the request finished"))
+            try:
+                self._sync_stream()                        # a failed step may have left work queued
+            except Exception:  # noqa: BLE001 - a broken device must not stop the rest of close
+                log.exception("synchronizing the engine's stream at close failed")
+            graphs = getattr(self.runner, "graphs", None)
+            if graphs is not None:
+                graphs.release()
+                self.runner.graphs = None
+            if self.kv is not None:
+                self.kv.release()
+            if self._pool is not None and self._owner is not None:
+                self._pool.release(self._owner)
+            self._host = {}
+            self.runner = _ClosedRunner(self.runner)
+            if self._stream is not None:
+                from slotserve.engine.cuda_graphs import release_stream
+                release_stream(self._stream)
+        if self.device.type == "cuda":
+            _empty_cache()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Engine(path={self.path!r}, model={self.model_dir!r}, device={self.device})"
+
+
+class _ClosedRunner:
+    """Keeps `path`/`device` readable after close while dropping the model's tensors."""
+
+    def __init__(self, runner):
+        self.path, self.device, self.vocab_size = runner.path, runner.device, runner.vocab_size
+
+    def weights(self):
+        return []

@@ -1,0 +1,132 @@
+"""Building a slot's engine and tokenizer off the serving path.
+
+A candidate loads while live serves, on the same CPU cores (2 on the dev box) and the
+same Python process. Two things keep live's latency flat while it happens:
+* the work runs in a fresh thread whose OS priority is lowered (`nice`), so when both
+  want a core the live engine's step thread wins. Linux applies setpriority() to a
+  single thread when given its native id, and threads it starts (torch's OpenMP
+  workers for this caller) inherit it. A fresh thread is used because an unprivileged
+  process cannot raise a thread's priority back: a pooled thread would stay slow;
+* the tokenizer is loaded with `trust_remote_code=False`, and the engine reads only
+  safetensors (never pickle).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, TypeVar
+
+log = logging.getLogger("slotserve.slots")
+T = TypeVar("T")
+
+
+def run_in_loader_thread(fn: Callable[[], T], nice: int = 10, slice_s: float = 0.0005,
+                         pause_s: float = 0.005, busy: Callable[[], bool] | None = None) -> T:
+    """Run `fn` in a new low-priority thread; block until it returns; re-raise its error.
+
+    The GIL, not the cores, is what a load steals from serving: a tiny model's decode
+    step is mostly Python, and a thread waiting for the GIL waits up to a whole switch
+    interval (5 ms); a big model's load also competes for cores and memory bandwidth.
+    So the loader is cooperative: while `busy()` says requests are running, after each
+    `slice_s` of work (checked at every Python or C call boundary, so a long tensor copy
+    counts in full) it sleeps pause_s × (time run / slice_s): a slice/(slice+pause)
+    duty cycle (~9% by default). When nothing is running it loads at full speed.
+    slice_s=0 turns this off.
+    """
+    box: dict = {}
+
+    def target():
+        if nice > 0:
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+            except (OSError, AttributeError) as exc:  # not Linux, or forbidden: just slower
+                log.debug("could not lower loader priority: %s", exc)
+        if slice_s > 0:
+            sys.setprofile(_yielder(slice_s, pause_s, busy or (lambda: True)))  # this thread only
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+        finally:
+            sys.setprofile(None)
+
+    t = threading.Thread(target=target, name="slotserve-loader", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _yielder(slice_s: float, pause_s: float, busy: Callable[[], bool]):
+    clock, sleep = time.perf_counter, time.sleep
+    resumed = [clock()]
+
+    def hook(frame, event, arg):  # called on every Python/C call and return
+        now = clock()
+        ran = now - resumed[0]
+        if ran >= slice_s:
+            if busy():
+                # Pause in proportion to how long we ran (one tensor cast can take far
+                # longer than a slice), so the duty cycle holds for C work too. The
+                # sleep drops the GIL: the serving threads take it meanwhile.
+                sleep(pause_s * ran / slice_s)
+            resumed[0] = clock()
+    return hook
+
+
+def load_engine(bundle_path: Path, device, pool, kv_cache_tokens: int, enforce_eager: bool = False):
+    """The bundle's engine on `device`, its weights through the shared tensor pool.
+
+    kv_cache_tokens comes from the planner (serving.json rounded to blocks), so the
+    engine allocates exactly what was planned. enforce_eager: skip CUDA graph capture
+    (capturing beside a running engine is fine: each engine captures on its own stream)."""
+    from slotserve.engine.engine import Engine
+
+    return Engine.from_pretrained(bundle_path, device=str(device), tensor_pool=pool,
+                                  kv_cache_tokens=kv_cache_tokens, enforce_eager=enforce_eager)
+
+
+def load_tokenizer(bundle):
+    """The bundle's own tokenizer (tokenizer/ dir); never runs code from the bundle."""
+    tdir = Path(bundle.path) / "tokenizer"
+    if not (tdir / "tokenizer.json").exists() and not (tdir / "tokenizer_config.json").exists():
+        log.warning("%s has no tokenizer/ directory; serving token ids only", bundle.path)
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tdir), trust_remote_code=False)
+
+
+def same_tokenizer(bundle, slots):
+    """A resident slot's tokenizer when the bundle's tokenizer/ files are byte-identical
+    (most new versions keep their tokenizer): saves its memory and load time. Safe to
+    share: the serving layer already uses one tokenizer from many requests at once."""
+    def tok_files(b):
+        return {r: e for r, e in b.manifest.files.items() if r.startswith("tokenizer/")}
+    mine = tok_files(bundle)
+    for s in slots if mine else ():
+        if s.tokenizer is not None and tok_files(s.bundle) == mine:
+            return s.tokenizer
+    return None
+
+
+def shared_fn(bundle, slots):
+    """-> shared(file, tensor): is that tensor already in the tensor pool? True when a
+    resident lean slot on the device loaded the same weight file with the same config
+    and serving dtype (the pool keys tensors by file sha256 + dtype + device)."""
+    files = bundle.manifest.files
+    dtype = bundle.serving.get("dtype")
+    resident = set()
+    for s in slots:
+        other = s.bundle.manifest.files
+        if s.engine.path == "lean" and s.tier == "device" and not s.engine.closed \
+                and other.get("model/config.json") == files.get("model/config.json") \
+                and s.bundle.serving.get("dtype") == dtype:
+            resident |= {rel for rel, e in other.items() if files.get(rel) == e}
+    return lambda file, tensor: f"model/{file}" in resident
