@@ -219,7 +219,7 @@ def main(argv=None):
         "live_requests_loading": ll["n"], "candidate_loads_during_measure": loads[0],
         "live_p99_loading_over_idle": ll["p99"] / li["p99"],
         "max_tokens": args.max_tokens, "load_avg_1m_at_end": os.getloadavg()[0],
-        "loader": {"nice": mgr.loader_nice, "slice_s": mgr.loader_slice_s, "pause_s": mgr.loader_pause_s},
+        "loader": {"nice": mgr.loader.nice, "slice_s": mgr.loader.slice_s, "pause_s": mgr.loader.pause_s},
     }
     if args.json:
         print(json.dumps(out))

@@ -1,6 +1,7 @@
 """The write side of the bundle store: atomic publish, and removing what a crashed one left.
 
-`BundlePublishing` is mixed into `Store` (bundles/store.py). Publish order, so that a
+Each `Store` (slotserve.bundles.store) owns a `Publisher`, which writes into its root:
+blobs, staging directories, bundle directories, registry rows. Publish order, so that a
 crash at any point leaves nothing half-written visible:
 hash the source -> copy blobs (tmp + fsync + rename) -> assemble a staging dir ->
 BEGIN IMMEDIATE (allocates the version) -> write manifest.json -> rename the staging
@@ -9,8 +10,6 @@ exists only once its row is committed; a directory without a row is the debris o
 a crashed publish and `recover()` (run by every publish under the write lock)
 removes it. Staging and blob temp names start `<host>-<pid>-` so that `recover()`
 can tell a dead publisher's leftovers from a live one's.
-
-Uses the store's `root`, `registry`, `resolve`, `_disk_manifest` and `path_of`.
 """
 
 from __future__ import annotations
@@ -25,13 +24,16 @@ import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from slotserve.bundles.file_hash import CHUNK, cached_hash
 from slotserve.bundles.manifest import (BundleError, FileEntry, Lineage, Manifest, ModelInfo, ModelSource,
                                         RetrievalIndexRef, check_name, digest_of)
 from slotserve.bundles.registry import BundleRecord, Txn, utc_now
 from slotserve.bundles.source import read_source
+
+if TYPE_CHECKING:
+    from slotserve.bundles.store import Store
 
 CRASH_ENV = "SLOTSERVE_TEST_CRASH_AT"  # test hook: SIGKILL ourselves at a named publish stage
 CRASH_POINTS = ("mid_copy", "after_copy", "before_rename", "after_rename", "after_commit")
@@ -72,24 +74,25 @@ def _force_rmtree(path: Path) -> None:
     shutil.rmtree(path)
 
 
-class BundlePublishing:
-    """The write half of `Store`: publish (atomic, idempotent) and recover."""
+class Publisher:
+    """Publishes into one store (atomic, idempotent) and removes a crashed publish's debris;
+    the store resolves refs and reads manifests for it."""
 
-    def publish(self, src_dir: str | Path, name: str, actor: str | None = None, prompt_template=None,
-                retrieval_index=None, serving=None, eval_file=None, reason: str = "", **kw) -> Manifest:
-        """Publish `src_dir` as the next version of `name`; identical content is a no-op
-        returning the existing manifest. See `publish_detailed` for the keywords."""
-        return self.publish_detailed(src_dir, name, actor, prompt_template, retrieval_index, serving,
-                                     eval_file, reason, **kw).manifest
+    def __init__(self, store: "Store"):
+        self.store = store
+        self.root, self.registry = store.root, store.registry
 
-    def publish_detailed(self, src_dir: str | Path, name: str, actor: str | None = None,
-                         prompt_template: str | Path | None = None,
-                         retrieval_index: str | RetrievalIndexRef | None = None,
-                         serving: str | Path | Mapping[str, Any] | None = None,
-                         eval_file: str | Path | None = None, reason: str = "", *,
-                         system_prompt: str | Path | None = None, version: int | None = None,
-                         source: str | ModelSource | None = None, code_commit: str | None = None,
-                         data_version: str | None = None, parent: str | None = None) -> Published:
+    def publish(self, src_dir: str | Path, name: str, actor: str | None = None,
+                prompt_template: str | Path | None = None,
+                retrieval_index: str | RetrievalIndexRef | None = None,
+                serving: str | Path | Mapping[str, Any] | None = None,
+                eval_file: str | Path | None = None, reason: str = "", *,
+                system_prompt: str | Path | None = None, version: int | None = None,
+                source: str | ModelSource | None = None, code_commit: str | None = None,
+                data_version: str | None = None, parent: str | None = None) -> Published:
+        """Publish `src_dir` as `name`'s next version (or `version`, if above the latest);
+        content already published under `name` is a no-op (`created` False). Lineage comes
+        from the arguments, else from the bundle `src_dir` was published as, else from git."""
         check_name(name)
         actor = actor or default_actor()
         if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
@@ -110,11 +113,11 @@ class BundlePublishing:
         if source is None:
             source = origin.model.source if origin else ModelSource("local", str(Path(src_dir).resolve()))
         model = ModelInfo(src.architecture, src.model_type, source)
-        parent_digest = self.resolve(parent).digest if parent else (origin.digest if origin else None)
+        parent_digest = self.store.resolve(parent).digest if parent else (origin.digest if origin else None)
 
         early = self.registry.find_content(name, content_key)  # skip the copy for a re-publish
         if early is not None and version in (None, early.version):
-            return Published(self._disk_manifest(early), False)
+            return Published(self.store.manifest_of(early), False)
 
         staging = self.root / "tmp" / f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(6)}"
         staging.mkdir()
@@ -136,7 +139,7 @@ class BundlePublishing:
                 again = t.find_content(name, content_key)
                 if again is not None:
                     if version in (None, again.version):
-                        return Published(self._disk_manifest(again), False)
+                        return Published(self.store.manifest_of(again), False)
                     raise BundleError(f"identical content is already published as {again.ref}; "
                                       f"it cannot also be {name}:{version}")
                 latest = t.latest(name)
@@ -156,7 +159,7 @@ class BundlePublishing:
                 self._write_manifest(staging, m)
                 _crash_point("before_rename")
                 self._recover(t)
-                final = self.path_of(name, version)
+                final = self.store.path_of(name, version)
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.rename(staging, final)
                 os.chmod(final, 0o555)

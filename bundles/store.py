@@ -7,13 +7,11 @@ Layout under the root ($SLOTSERVE_HOME, default ~/.slotserve):
     bundles/<name>/<version>/       manifest.json + hard links to the blobs
     tmp/<host>-<pid>-<rand>         staging; never visible as a bundle
 
-This file is the façade: the root, resolving a ref to a registry row, listing, and the
-on-disk manifest checked against the registry. Publishing (atomic, crash-safe, and
-`recover()` of a crashed publish's debris) is in bundles/publishing.py, `open` /
-`verify` and `OpenedBundle` in bundles/verification.py (both mixed into `Store`),
-file hashing and its per-inode cache in bundles/file_hash.py. The names other modules
-and tests import from here are re-exported, so `slotserve.bundles.store` stays the
-one import path.
+`Store` resolves a ref to a registry row, lists, reads the on-disk manifest checked
+against the registry, and opens a bundle verified against its manifest
+(bundles/verification.py). It owns a `Publisher` (bundles/publishing.py) for the write
+side: atomic, crash-safe publishing and `recover()` of a crashed publish's debris. File
+hashing and its per-inode cache are bundles/file_hash.py.
 """
 
 from __future__ import annotations
@@ -23,10 +21,10 @@ import os
 from pathlib import Path
 
 from slotserve.bundles.manifest import BundleError, Manifest
-from slotserve.bundles.publishing import BundlePublishing
+from slotserve.bundles.publishing import Published, Publisher
 from slotserve.bundles.ref import Ref, parse_ref
 from slotserve.bundles.registry import BundleRecord, Registry
-from slotserve.bundles.verification import BundleVerification
+from slotserve.bundles.verification import OpenedBundle, check_files, raise_problems
 
 
 
@@ -34,7 +32,7 @@ def default_root() -> Path:
     return Path(os.environ.get("SLOTSERVE_HOME") or "~/.slotserve").expanduser()
 
 
-class Store(BundleVerification, BundlePublishing):
+class Store:
     """A bundle store at `root`; `create=False` refuses a directory that holds none yet."""
 
     def __init__(self, root: str | Path | None = None, *, create: bool = True):
@@ -48,6 +46,7 @@ class Store(BundleVerification, BundlePublishing):
         except OSError as exc:
             raise BundleError(f"cannot use the bundle store at {self.root}: {exc.strerror or exc}") from None
         self.registry = Registry(self.root / "registry.db")
+        self._publisher = Publisher(self)
 
     def _prepare(self, create: bool) -> None:
         if self.root.exists() and not self.root.is_dir():
@@ -102,10 +101,10 @@ class Store(BundleVerification, BundlePublishing):
 
     def manifest(self, ref: str | Ref) -> Manifest:
         """The manifest on disk, checked against its own digest and the registry's."""
-        rec = self.resolve(ref)
-        return self._disk_manifest(rec)
+        return self.manifest_of(self.resolve(ref))
 
-    def _disk_manifest(self, rec: BundleRecord) -> Manifest:
+    def manifest_of(self, rec: BundleRecord) -> Manifest:
+        """The on-disk manifest of a registry row, checked against its own digest and the row."""
         path = self.path_of(rec.name, rec.version) / "manifest.json"
         try:
             text = path.read_text(encoding="utf-8")
@@ -116,3 +115,40 @@ class Store(BundleVerification, BundlePublishing):
             raise BundleError(f"{rec.ref}: manifest.json (digest {m.digest}) does not match the registry "
                               f"({rec.digest}); the bundle was altered after publishing")
         return m
+
+    # ---- reading ---------------------------------------------------------------------
+    def open(self, ref: str | Ref, *, verify: bool = True) -> OpenedBundle:
+        """Resolve, then check every file's size and sha256 (hashes cached per inode in
+        this process). Raises BundleError naming each file that does not match."""
+        rec = self.resolve(ref)
+        m = self.manifest_of(rec)
+        path = self.path_of(rec.name, rec.version)
+        if verify:
+            raise_problems(m, check_files(path, m, cached=True))
+        return OpenedBundle(path, m)
+
+    def verify(self, ref: str | Ref) -> OpenedBundle:
+        """Like open, but always rehashes every byte."""
+        rec = self.resolve(ref)
+        m = self.manifest_of(rec)
+        path = self.path_of(rec.name, rec.version)
+        raise_problems(m, check_files(path, m, cached=False))
+        return OpenedBundle(path, m)
+
+    # ---- writing ---------------------------------------------------------------------
+    def publish(self, src_dir: str | Path, name: str, actor: str | None = None, prompt_template=None,
+                retrieval_index=None, serving=None, eval_file=None, reason: str = "", **kw) -> Manifest:
+        """Publish `src_dir` as the next version of `name`; identical content is a no-op
+        returning the existing manifest. See `publish_detailed` for the keywords."""
+        return self.publish_detailed(src_dir, name, actor, prompt_template, retrieval_index, serving,
+                                     eval_file, reason, **kw).manifest
+
+    def publish_detailed(self, src_dir: str | Path, name: str, *args, **kw) -> Published:
+        """`publish`, also saying whether it created a version (`Publisher.publish` has the
+        keywords: prompt, serving config, eval set, version, source, lineage)."""
+        return self._publisher.publish(src_dir, name, *args, **kw)
+
+    def recover(self) -> list[Path]:
+        """Remove debris of crashed publishes: unregistered bundle dirs and stale staging.
+        Returns what was removed. Safe to run at any time (takes the write lock)."""
+        return self._publisher.recover()

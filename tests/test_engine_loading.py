@@ -14,7 +14,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from slotserve.engine import Engine, SamplingParams
 from slotserve.engine.kv_cache import BlockAllocator
-from slotserve.engine.weights import TensorPool, WeightsError
+from slotserve.engine.weights import TensorPool
+from slotserve.models.checkpoint import WeightsError
 from slotserve.models.llama import LeanConfig, rope_inv_freq
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)

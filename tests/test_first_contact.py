@@ -101,8 +101,8 @@ def test_greedy_parity_with_transformers_over_http(server):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from slotserve.api.bundle_view import BundleView
     from slotserve.bundles.store import Store
+    from slotserve.replica import BundleView
 
     bundle = Store(server["home"]).open("demo:1")
     view = BundleView.from_bundle(bundle)

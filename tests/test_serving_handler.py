@@ -9,10 +9,11 @@ import pytest
 
 from pydantic import ValidationError
 
-from slotserve.api.bundle_view import BundleView, TextStream
 from slotserve.api.errors import APIError, describe_validation_error
-from slotserve.api.handler import Handler, Routing
+from slotserve.api.handler import Handler
 from slotserve.api.requests import ChatCompletionRequest, CompletionRequest, FeedbackRequest
+from slotserve.api.text_stream import TextStream
+from slotserve.replica import BundleView, Routing
 
 
 class CharTokenizer:

@@ -139,7 +139,7 @@ def _greedy(store, ref):
 
 def test_load_does_not_block_routing_or_rollback(store, monkeypatch):
     """A slow load (simulated) holds no lock that requests or rollback need."""
-    import slotserve.slots.loading as loading_mod   # where SlotManager.load builds the engine
+    import slotserve.slots.loader as loading_mod   # where SlotManager.load builds the engine
 
     mgr = SlotManager(store, memory_budget_bytes=1 << 30)
     try:

@@ -1,15 +1,16 @@
-"""Request handling without Ray: pick a slot, render the prompt, generate, answer.
+"""Request handling without Ray or HTTP: pick a slot, render the prompt, generate, answer.
 
-The FastAPI routes (slotserve.app) parse the body into slotserve.protocol models and
-call `Handler.chat / completion`; everything a request does after that lives here so
-it can be tested with no Ray and no HTTP:
+The FastAPI routes (slotserve.api.routes) parse the body into the request models
+(slotserve.api.requests) and call `Handler.start`; everything a request does after that
+lives here so it can be tested with no Ray and no HTTP:
 
-* which slot answers: the logical model name is routed by the rollout weights
-  (slotserve.rollout.router.route, sticky by the spec's key); an exact `name:version` held in a
-  slot is pinned to that slot; anything else is a 404 listing the served names;
+* which slot answers: the logical model name is routed by the replica's `Routing` (the
+  rollout weights; slotserve.rollout.router.route, sticky by the spec's key); an exact
+  `name:version` held in a slot is pinned to that slot; anything else is a 404 listing
+  the served names;
 * the prompt: the *answering* bundle's own chat template and system prompt
-  (slotserve.api.bundle_view.BundleView), so a rollback restores the old prompting too;
-* generation through a Backend (the slot manager), incremental detokenisation, stop
+  (slotserve.replica.bundle_view.BundleView), so a rollback restores the old prompting too;
+* generation through a Backend (the replica's slots), incremental detokenisation, stop
   strings, finish reasons and usage;
 * a failure on a routed candidate before anything reached the client is counted
   against the candidate and the request is answered by live instead.
@@ -20,30 +21,33 @@ broken stream.
 
 Preparing a request (prompt rendering, context checks, sampling parameters) lives in
 slotserve.api.preparation; the started generation and the response or SSE stream built
-from it (`Run`) in slotserve.api.response. Both are re-exported here.
+from it (`Run`) in slotserve.api.response. A replica's eval gate runs its items through
+`answer`, the same path without a client.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, AsyncIterator, Callable, Mapping, Protocol
 
-from slotserve.api.bundle_view import BundleView, TextStream
+from slotserve import SLOT_NAMES
 from slotserve.api.errors import APIError
 from slotserve.api.preparation import Prepared, prepare
-from slotserve.api.requests import FeedbackRequest
+from slotserve.api.requests import ChatCompletionRequest, CompletionRequest, FeedbackRequest
 from slotserve.api.response import Run, _Resume
-from slotserve.api.response_ids import RatedOnce, ResponseIds
-
-
-SLOT_NAMES = ("live", "previous", "candidate")
+from slotserve.api.response_ids import ResponseIds
+from slotserve.api.text_stream import TextStream
+from slotserve.replica import BundleView, Outcome, Routing
+from slotserve.rollout.feedback import RatedOnce
 
 
 # ---------------------------------------------------------------- what the handler needs from slots
 
 class GenerationHandle(Protocol):
+    """A started generation. A slot manager's handle also has `slot`: the Slot answering
+    now (live, when a candidate ran out of memory and the request was retried)."""
     finish_reason: str | None
     def __aiter__(self) -> AsyncIterator[int]: ...
     def cancel(self) -> None: ...
@@ -51,38 +55,8 @@ class GenerationHandle(Protocol):
 
 class Backend(Protocol):
     def views(self) -> dict[str, BundleView]: ...            # slot -> view, occupied slots only
+    def view_of(self, slot) -> BundleView: ...               # the view of the Slot a handle ran on
     async def generate(self, slot: str, prompt_ids: list[int], params: dict) -> GenerationHandle: ...
-
-
-@dataclass(frozen=True)
-class Routing:
-    """The part of the controller's desired state that routes requests on a replica."""
-
-    weights: Mapping[str, float] = field(default_factory=lambda: {"live": 100.0})
-    salt: str = ""
-    sticky_key: str | None = None        # "header:x-session-id" | "user" | None
-    served_name: str | None = None       # logical model name; None: the live bundle's name
-    shadow_fraction: float = 0.0         # fraction of live requests mirrored to candidate
-
-
-@dataclass
-class Outcome:
-    """One finished (or failed) generation, for windows, metrics and shadow diffs."""
-
-    slot: str
-    view: BundleView
-    kind: str                        # "chat" | "completion" | "shadow"
-    ok: bool
-    latency_s: float
-    ttft_s: float | None
-    prompt_tokens: int
-    completion_tokens: int
-    text: str = ""
-    token_ids: tuple[int, ...] = ()
-    error: str | None = None
-    error_kind: str | None = None    # exception class name
-    greedy: bool = False
-    cancelled: bool = False
 
 
 # ---------------------------------------------------------------- the handler
@@ -204,8 +178,7 @@ class Handler:
                                       error=str(exc), error_kind=type(exc).__name__))
             raise
         actual = getattr(handle, "slot", None)  # the slot manager retried elsewhere (candidate OOM)
-        if actual is not None and getattr(actual, "digest", prep.view.digest) != prep.view.digest \
-                and hasattr(self.backend, "view_of"):
+        if actual is not None and actual.digest != prep.view.digest:
             self._observe(Outcome(prep.slot, prep.view, prep.kind, False, time.perf_counter() - t0,
                                   None, len(prep.prompt_ids), 0,
                                   error=f"out of memory on {prep.view.ref}; answered by {actual.name}",
@@ -216,6 +189,22 @@ class Handler:
         run = Run(self, prep, _Resume(it, handle), stream, first, done, t0,
                   time.perf_counter() - t0)
         return run
+
+    async def answer(self, slot: str, prompt, max_tokens: int) -> str:
+        """The greedy text of `prompt` (a string, or chat messages) from the bundle in `slot`,
+        through a request's path (prompt rendering, stop strings), with no client: the
+        eval gate's items. Marked "eval", so no metric window counts it."""
+        view = self.backend.views()[slot]
+        if isinstance(prompt, str):
+            req = CompletionRequest(model=view.ref, prompt=prompt, max_tokens=max_tokens, temperature=0)
+            kind = "completion"
+        else:
+            req = ChatCompletionRequest(model=view.ref, messages=prompt, temperature=0, max_tokens=max_tokens)
+            kind = "chat"
+        prep = self.prepare(kind, req, slot, True)
+        prep.kind = "eval"
+        run = await self._start(prep)
+        return "".join([p async for p in run.deltas()])
 
     def _observe_run(self, run: Run, ok: bool, err: BaseException | None, cancelled: bool):
         self.inflight -= 1

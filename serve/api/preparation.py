@@ -3,7 +3,7 @@ context, and the sampling parameters resolved (request, then the bundle's defaul
 
 `prepare` turns an OpenAI-shaped request plus the slot that answers it into a
 `Prepared`: the prompt token ids from that bundle's own chat template / tokenizer
-(slotserve.api.bundle_view.BundleView) and the engine parameters. A prompt or max_tokens
+(slotserve.replica.bundle_view.BundleView) and the engine parameters. A prompt or max_tokens
 that does not fit the bundle's context is a 400 here, before any engine work.
 """
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from slotserve.api.bundle_view import BundleView
 from slotserve.api.errors import APIError
+from slotserve.replica.bundle_view import BundleView, PromptError
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -35,10 +35,13 @@ def prepare(views: Mapping[str, BundleView], kind: str, req, slot: str, pinned: 
     if slot not in views:
         raise APIError(503, f"slot {slot} is empty on this replica", code="not_ready")
     view = views[slot]
-    if kind == "chat":
-        ids = view.render_chat([{"role": m.role, "content": m.text()} for m in req.messages])
-    else:
-        ids = view.encode(req.prompt)
+    try:
+        if kind == "chat":
+            ids = view.render_chat([{"role": m.role, "content": m.text()} for m in req.messages])
+        else:
+            ids = view.encode(req.prompt)
+    except PromptError as exc:
+        raise APIError(400, str(exc), param=exc.param) from None
     if not ids:
         raise APIError(400, "prompt is empty after tokenisation", param="prompt")
     ctx = view.max_model_len

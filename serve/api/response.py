@@ -13,11 +13,12 @@ import asyncio
 import json
 from typing import TYPE_CHECKING, AsyncIterator
 
-from slotserve.api.bundle_view import BundleView, TextStream
 from slotserve.api.preparation import Prepared
 from slotserve.api.responses import (ChatChoice, ChatChunkChoice, ChatCompletion,
                                 ChatCompletionChunk, Completion, CompletionChoice, Delta,
                                 ResponseMessage, Usage, now)
+from slotserve.api.text_stream import TextStream
+from slotserve.replica.bundle_view import BundleView
 
 if TYPE_CHECKING:
     from slotserve.api.handler import Handler

@@ -12,9 +12,9 @@ use, so a rotated token re-keys at once (ids issued before then are refused, lik
 token). Without an admin token the key is random per process: ids then check only on the
 replica that issued them.
 
-`RatedOnce` remembers the latest ids rated (bounded memory): each replica answers a
-repeat with 409, and the controller, where every replica's feedback meets, drops repeats
-that went to different replicas before they reach a guard window.
+Each replica answers a repeated rating with 409, and the controller, where every
+replica's feedback meets, drops repeats that went to different replicas before they
+reach a guard window (both with slotserve.rollout.feedback.RatedOnce).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import hmac
 import re
 import secrets
 import uuid
-from collections import OrderedDict
 from typing import Callable
 
 # matched whole (fullmatch): a trailing newline or space would make a second spelling of
@@ -65,19 +64,3 @@ class ResponseIds:
         if m is None or not hmac.compare_digest(m["mac"], self._mac(m["body"])):
             return None
         return m["digest"], m["slot"]
-
-
-class RatedOnce:
-    """The ids rated most recently (at most `capacity`): `first(id)` is True once per id."""
-
-    def __init__(self, capacity: int = 1 << 16):
-        self.capacity = capacity
-        self._seen: OrderedDict[str, None] = OrderedDict()
-
-    def first(self, rid: str) -> bool:
-        if rid in self._seen:
-            return False
-        self._seen[rid] = None
-        if len(self._seen) > self.capacity:
-            self._seen.popitem(last=False)
-        return True

@@ -20,11 +20,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from slotserve import SLOT_NAMES
 from slotserve.api.auth import TokenCheck
 from slotserve.api.errors import APIError, describe_validation_error
+from slotserve.api.handler import Handler
 from slotserve.api.requests import ChatCompletionRequest, CompletionRequest, FeedbackRequest, LoadRequest, ReasonRequest
+from slotserve.api.response_ids import ResponseIds
 from slotserve.api.responses import ModelCard, ModelList, now
-from slotserve.slots.manager import SLOT_NAMES
 
 log = logging.getLogger("slotserve.app")
 MAX_BODY_BYTES = 8 << 20
@@ -74,8 +76,11 @@ class _SSE(StreamingResponse):
 def create_app(replica) -> FastAPI:
     app = FastAPI(title="slotserve", version="0.1.0", docs_url=None, redoc_url=None,
                   openapi_url=None)
-    handler = replica.handler
     check = TokenCheck(replica.settings.admin_token_sha256, replica.settings.store)
+    # every replica of the app derives the same id-signing key from the admin token
+    handler = Handler(replica.backend, observe=replica.outbox.observe, on_shadow=replica.outbox.shadow,
+                      ids=ResponseIds(check.expected_sha))
+    replica.attach(handler)
 
     # ---------------------------------------------------------------- errors
 
@@ -168,7 +173,7 @@ def create_app(replica) -> FastAPI:
         if view is None:
             return JSONResponse({"ok": True, "recorded": False, "id": req.id,
                                  "note": "the bundle that answered is no longer in a slot"})
-        replica.feedback(slot, view, positive=not req.thumbs_down, rid=req.id)
+        replica.outbox.feedback(slot, view, positive=not req.thumbs_down, rid=req.id)
         return JSONResponse({"ok": True, "recorded": True, "id": req.id, "bundle": view.ref,
                              "slot": slot}, headers=view.headers())
 

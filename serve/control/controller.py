@@ -11,9 +11,6 @@ actor around it that
 * waits for convergence after each admin change, reporting how long it took;
 * ticks the rollout every `TICK_S`, posts alert webhooks and flushes registry writes
   off the event loop.
-
-The names tests and other modules import from here (`ControllerCore`, `ControlError`,
-`DesiredState`, `SLOTS`, ...) are re-exported.
 """
 
 from __future__ import annotations

@@ -1,14 +1,13 @@
-"""The controller core, in plain Python (tested without Ray; `slotserve.control.controller.SlotController`
-is the async actor shell around it). `ControllerCore`
+"""The controller core, in plain Python (tested without Ray; the async actor shell around it
+is `slotserve.control.controller.SlotController`). `ControllerCore`
 
-* applies admin operations, decided by the pure `slotserve.control.transitions`, as new desired-state
-  versions persisted by `slotserve.control.state_store`, so a restart comes back the same;
+* applies admin operations, decided by the pure `slotserve.control.transitions`, as new
+  desired-state versions persisted by `slotserve.control.state_store`, so a restart comes
+  back the same;
 * takes replica reports (`slotserve.control.replicas`; request outcomes feed the rollout
   windows) and says when the replicas have converged;
-* drives the rollout: `tick()` feeds the merged windows to `slotserve.rollout.machine.tick` and
-  turns events into state changes, ledger rows and alert webhooks.
-
-`ControlError`, `REPLICA_TTL_S`, `CONVERGE_TTL_S`, `_jsonable` are re-exported.
+* drives the rollout: `tick()` feeds the merged windows to `slotserve.rollout.machine.tick`
+  and turns events into state changes, ledger rows and alert webhooks.
 """
 
 from __future__ import annotations
@@ -19,15 +18,14 @@ import uuid
 from dataclasses import asdict, replace
 from typing import Any, Callable
 
-from slotserve.api.response_ids import RatedOnce
 from slotserve.control import transitions as tr
 from slotserve.control.replicas import ReplicaTracker
-from slotserve.control.state import SLOTS, DesiredState, ReplicaInfo, SlotRef
+from slotserve.control.state import SLOTS, DesiredState, ReplicaInfo, SlotRef, jsonable
 from slotserve.control.state_store import StateStore
-from slotserve.control.state_store import jsonable as _jsonable
 from slotserve.control.transitions import ControlError, LedgerRow, Transition, released
 from slotserve.rollout import machine as ro
 from slotserve.rollout.evals import EvalError, load_eval
+from slotserve.rollout.feedback import RatedOnce
 from slotserve.rollout.shadow import ShadowDiff
 from slotserve.rollout.spec import RolloutSpec, SpecError
 from slotserve.rollout.window import RequestOutcome, WindowSet
@@ -282,7 +280,7 @@ class ControllerCore:
         if not url:
             return
         body = {"app": self.app, "live": self.state.live.ref if self.state.live else None,
-                **_jsonable(event)}
+                **jsonable(event)}
         try:
             self.post(url, body)
         except Exception as exc:
@@ -305,11 +303,11 @@ class ControllerCore:
         # the rollout started from and compared the candidate against.
         out.update(baseline=out["live"], live=self.state.live.ref if self.state.live else None,
                    step_started_at=self.rollout.step_started_at, now=now)
-        return _jsonable(out)
+        return jsonable(out)
 
     def admin_state(self) -> dict:
         s = self.state
-        return _jsonable({
+        return jsonable({
             "app": self.app, "version": s.version,
             "desired": {slot: (asdict(s.slot(slot)) if s.slot(slot) else None) for slot in SLOTS},
             "weights": dict(s.weights), "mirror_fraction": s.mirror_fraction,

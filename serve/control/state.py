@@ -1,10 +1,13 @@
-"""The controller's desired state: what sits in live / previous / candidate, the traffic
-weights and the rollout phase (`DesiredState`), and what a replica reports back
-(`ReplicaInfo`). Plain dataclasses; the controller persists them and replicas apply them.
+"""What the controller and its replicas tell each other: the desired state — what sits
+in live / previous / candidate, the traffic weights and the rollout phase
+(`DesiredState`) — and what a replica reports back (`ReplicaInfo`). Plain dataclasses;
+the controller persists them and replicas apply them. Anything else either side sends
+(slot states, events, ledger metrics) goes through `jsonable` first.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 
 SLOTS = ("live", "previous", "candidate")
@@ -72,3 +75,9 @@ class ReplicaInfo:
     error: dict | None = None          # {"version": v, "message": ...} for a failed apply
     inflight: int = 0
     loading: str | None = None         # what it is loading now (progress)
+
+
+def jsonable(x):
+    """`x` as plain JSON values (dataclasses as dicts, sets sorted, anything else as str)."""
+    return json.loads(json.dumps(x, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__")
+                                 else (sorted(o) if isinstance(o, (set, frozenset)) else str(o))))

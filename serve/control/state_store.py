@@ -10,12 +10,10 @@ pushed without waiting on the disk.
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import asdict
 from typing import Any, Callable
 
-from slotserve.control.state import SLOTS, DesiredState
+from slotserve.control.state import SLOTS, DesiredState, jsonable
 from slotserve.control.transitions import LedgerRow
 from slotserve.rollout import machine as ro
 
@@ -97,8 +95,3 @@ class StateStore:
             if want is not None and holders.get(want.name, {}).get(slot) != want.version:
                 reg.set_alias(want.name, slot, want.version, self.actor, reason=why)
 
-
-def jsonable(x):
-    """`x` as plain JSON values (dataclasses as dicts, sets sorted, anything else as str)."""
-    return json.loads(json.dumps(x, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__")
-                                 else (sorted(o) if isinstance(o, (set, frozenset)) else str(o))))

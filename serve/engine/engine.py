@@ -16,17 +16,15 @@ finish_reason "stop".
 
 Tiers: `park()` moves the weights this engine holds alone to host memory (pinned on CUDA)
 and drops its KV pool and CUDA graphs; `unpark()` brings them back. A parked engine
-refuses `submit` with `EngineParkedError`. Tensors shared through the `TensorPool` with
-another engine stay where they are (moving them would free nothing and pull them out
-from under that engine).
+refuses `submit` with `EngineParkedError`. The engine decides when (idle, between steps,
+one operation at a time); its `WeightParker` (slotserve.engine.parking) moves the tensors.
 
 CUDA: each engine runs its steps on its own stream, and captures its decode graphs on
 that stream in thread-local capture mode with a graph memory pool of its own, so one
-engine can capture while another serves (see serve/cuda_graphs.py).
+engine can capture while another serves (slotserve.engine.cuda_graphs).
 
-Layout: this file is the façade (construction, submit/generate, state, close); the
-request types live in serve/request.py, loading in serve/loader.py, the step thread in
-serve/step_loop.py and park/unpark in serve/parking.py (names re-exported here).
+The request types are in slotserve.engine.request, loading (`from_pretrained`'s work) in
+slotserve.engine.loader.
 """
 
 from __future__ import annotations
@@ -40,15 +38,15 @@ from dataclasses import dataclass
 
 import torch
 
-from slotserve.engine.kv_cache import BlockAllocator, KVCache, blocks_for, num_blocks_for_budget
+from slotserve import kernels as K
+from slotserve.engine.cuda_graphs import DecodeGraphs, empty_cache, release_stream
+from slotserve.engine.kv_cache import BLOCK_SIZE, BlockAllocator, KVCache, blocks_for, num_blocks_for_budget
 from slotserve.engine.loader import load_engine
-from slotserve.engine.parking import ParkState, Parking, _empty_cache
-from slotserve.engine.request import (AdmissionError, EngineClosedError, EngineParkedError,
-                               RequestHandle, SamplingParams)
+from slotserve.engine.parking import ParkState, WeightParker
+from slotserve.engine.request import (AdmissionError, EngineClosedError, EngineParkedError, RequestHandle,
+                                      SamplingParams)
 from slotserve.engine.scheduler import Scheduler, Sequence, SeqStatus
-from slotserve.engine.step_loop import StepLoop
 from slotserve.engine.weights import TensorPool, unique_bytes
-
 
 log = logging.getLogger("slotserve.engine")
 
@@ -60,7 +58,7 @@ class EngineMemory:
     kv_bytes: int                      # the paged KV pool (0 on the transformers path: grows per request)
 
 
-class Engine(StepLoop, Parking):
+class Engine:
     """Use `Engine.from_pretrained`. `path` says which model code serves: "lean" or "transformers"."""
 
     def __init__(self, runner, *, eos_token_ids: tuple[int, ...], max_model_len: int, max_batch: int,
@@ -86,8 +84,7 @@ class Engine(StepLoop, Parking):
         self._weight_bytes = unique_bytes(runner.weights())
         self._tier = "device"                                     # device | moving | host
         self._parked: ParkState | None = None
-        self._host: dict[int, tuple[torch.Tensor, object]] = {}   # id(host copy) -> (it, pool key)
-        self._kv_layout = kv.layout if kv is not None else None
+        self._parker = WeightParker(tensor_pool, owner, kv.layout if kv is not None else None)
         self._in_step = False                                     # a batch is between schedule and results
         self._op_lock = threading.RLock()                         # park / unpark / close, one at a time
         self.allocator = BlockAllocator(num_blocks_for_budget(kv_tokens, block_size), block_size)
@@ -108,7 +105,7 @@ class Engine(StepLoop, Parking):
     # ------------------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=None, *, max_model_len=None, max_batch=None,
-                        kv_cache_tokens=None, tensor_pool: TensorPool | None = None, block_size: int = 16,
+                        kv_cache_tokens=None, tensor_pool: TensorPool | None = None, block_size: int = BLOCK_SIZE,
                         max_prefill_tokens: int | None = None, enforce_eager: bool = False,
                         model_impl: str = "auto", enable_prefix_caching: bool | None = None) -> "Engine":
         """Load an HF model directory, a bundle directory (model/ + serving.json + manifest.json),
@@ -268,13 +265,198 @@ class Engine(StepLoop, Parking):
                 self.kv.release()
             if self._pool is not None and self._owner is not None:
                 self._pool.release(self._owner)
-            self._host = {}
+            self._parker.drop()
             self.runner = _ClosedRunner(self.runner)
             if self._stream is not None:
-                from slotserve.engine.cuda_graphs import release_stream
                 release_stream(self._stream)
         if self.device.type == "cuda":
-            _empty_cache()
+            empty_cache()
+
+    # ------------------------------------------------------------------------------ tiers
+    def park(self, pin_memory: bool = True) -> int:
+        """Move the weights this engine holds alone to host memory (pinned when `pin_memory`
+        and the device is CUDA) and free its KV pool and CUDA graphs -> weight bytes moved.
+
+        The engine must be idle: with requests queued or running this raises RuntimeError
+        (drain first); once parked, `submit` raises EngineParkedError until `unpark()`.
+        Tensors another engine also holds through the TensorPool stay on the device, with
+        this engine's claim (moving them would free nothing); `parked.shared_bytes` says
+        how many. On CPU the "host" copy is a clone, so the path is the GPU one. Parking
+        a parked engine returns 0. If a host copy cannot be made nothing changes.
+        """
+        with self._op_lock:
+            with self._cond:
+                if self._closed:
+                    raise EngineClosedError("engine is closed")
+                if self._tier != "device":
+                    return 0
+                busy = len(self.scheduler.running) + len(self.scheduler.waiting)
+                if busy:
+                    raise RuntimeError(f"cannot park: {busy} requests queued or running; let them finish "
+                                       "(or cancel them) first")
+                self._tier = "moving"                      # submit refuses from here on
+                while self._in_step and not self._closed:  # a step whose requests were all cancelled
+                    self._cond.wait()
+                if self._closed:
+                    raise EngineClosedError("engine closed while parking")
+            try:
+                state = self._park(pin_memory and self.device.type == "cuda")
+            except BaseException:
+                with self._cond:
+                    self._tier = "device"
+                raise
+            with self._cond:
+                self._parked, self._tier = state, "host"
+            log.info("%s parked: %d weight bytes to host%s, %d shared bytes left on %s, %d KV bytes freed",
+                     self.model_dir, state.moved_bytes, " (pinned)" if state.pinned else "",
+                     state.shared_bytes, self.device, state.kv_bytes)
+            return state.moved_bytes
+
+    def _park(self, pin: bool) -> ParkState:
+        self._sync_stream()                                # nothing of ours may still read them
+        moved, kept, had_graphs = self._parker.park(self.runner, pin)
+        kv_bytes = 0
+        with self._cond:   # the prefix cache's keys name K/V in the pool dropped below
+            self.scheduler.clear_prefix_cache()
+        if self.kv is not None:
+            kv_bytes = self.kv.nbytes
+            self.kv.release()
+            self.kv = None
+        if self.device.type == "cuda":
+            empty_cache()
+        return ParkState(moved, kept, kv_bytes, pin, had_graphs)
+
+    def unpark(self) -> int:
+        """Copy the parked weights back to the device, allocate a fresh KV pool and, on CUDA,
+        recapture the decode graphs -> weight bytes copied. A weight another engine loaded
+        meanwhile (same TensorPool key) is shared instead of copied. Raises (out of memory,
+        ...) with the engine still parked. 0 when not parked."""
+        with self._op_lock:
+            with self._cond:
+                if self._closed:
+                    raise EngineClosedError("engine is closed")
+                if self._tier != "host":
+                    return 0
+                state = self._parked
+                self._tier = "moving"
+            try:
+                n = self._unpark(state)
+            except BaseException:
+                with self._cond:
+                    self._tier = "host"
+                raise
+            with self._cond:
+                self._parked, self._tier = None, "device"
+            return n
+
+    def _unpark(self, state: ParkState) -> int:
+        nbytes, self.kv = self._parker.unpark(self.runner)
+        if self.device.type == "cuda" and state.graphs and self.runner.path == "lean":
+            self.runner.graphs = DecodeGraphs.try_capture(self.runner, self.max_batch, self._stream)
+        return nbytes
+
+    def _sync_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.synchronize()
+
+    # ------------------------------------------------------------------------------ the step thread
+    def _loop(self) -> None:
+        if self._stream is None:
+            return self._steps()
+        torch.cuda.set_device(self.device)  # Triton launches on the thread's current device
+        with torch.cuda.stream(self._stream):  # every step's work goes to this engine's stream
+            return self._steps()
+
+    def _steps(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self.scheduler.has_work():
+                    self._cond.wait()
+                if self._closed:
+                    return
+                try:
+                    batch = self.scheduler.schedule()
+                except Exception as e:  # a bug; never die silently, never wedge the queue
+                    log.exception("scheduler failed; failing every request")
+                    self._fail(list(self.scheduler.running) + list(self.scheduler.waiting), e)
+                    continue
+                if batch is None:
+                    self._cond.wait(0.005)
+                    continue
+                self._in_step = True
+            try:
+                tokens, finite = self._run(batch)
+            except Exception as e:
+                if _is_oom(e):
+                    log.warning("out of memory in a %s step of %d sequences: failing them", batch.kind,
+                                len(batch.seqs))
+                    if self.device.type == "cuda":
+                        empty_cache()
+                else:
+                    log.exception("%s step failed: failing its %d sequences", batch.kind, len(batch.seqs))
+                with self._cond:
+                    self._in_step = False
+                    self._cond.notify_all()
+                    self._fail(batch.seqs, e)
+                continue
+            with self._cond:
+                self._in_step = False
+                self._cond.notify_all()
+                self._counts["steps"] += 1
+                self._counts["prefill_steps"] += batch.kind != "decode"   # steps carrying prompt chunks
+                self._counts["mixed_steps"] += batch.kind == "mixed"      # ... alongside decode rows
+                sampled, row = {}, 0
+                for i, samples in enumerate(batch.samples):
+                    if samples:
+                        if finite[row]:
+                            sampled[i] = tokens[row]
+                        else:
+                            seq = batch.seqs[i]
+                            self._fail([seq], FloatingPointError(
+                                f"non-finite logits for request {seq.seq_id} at output token {seq.num_output}"))
+                        row += 1
+                for seq, tok in self.scheduler.postprocess(batch, sampled):
+                    if tok is not None or seq.status is SeqStatus.FINISHED:
+                        if seq.status is SeqStatus.FINISHED:
+                            self._counts["finished"] += 1
+                        seq.handle._push(tok, seq.finish_reason if seq.status is SeqStatus.FINISHED else None)
+
+    @torch.inference_mode()
+    def _run(self, batch) -> tuple[list[int], list[bool]]:
+        """Forward + sample one step -> (token per sampling row, logits finite per row).
+
+        Hooks run inside inference mode too, so `logits_hook` may edit the logits in place.
+        """
+        if self.step_hook is not None:
+            self.step_hook()
+        logits = self.runner.forward(batch)                              # [R, V] fp32
+        if self.logits_hook is not None:
+            out = self.logits_hook(logits)
+            logits = logits if out is None else out
+        if logits.shape[0] == 0:
+            return [], []
+        seqs = [s for s, f in zip(batch.seqs, batch.samples) if f]
+        params = [s.handle.params for s in seqs]
+        if all(p.temperature == 0 for p in params):
+            tok = logits.argmax(-1)  # what `sample` does for temperature 0, without its sorts
+        else:
+            dev, vocab = logits.device, logits.shape[-1]
+            # Only sampled rows with top-k/top-p need the threshold search (11 of the Triton
+            # sampler's 13 launches); telling it none does is a promise, so it must be exact.
+            filtered = any(p.temperature > 0 and (0 < p.top_k < vocab or p.top_p < 1.0) for p in params)
+            tok = K.sample(
+                logits,
+                torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev),
+                # top_k above the vocabulary means "off": clamp so no request's value can
+                # overflow the shared int32 tensor and fail the whole batch.
+                torch.tensor([min(p.top_k, logits.shape[-1]) for p in params], dtype=torch.int32, device=dev),
+                torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
+                torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev),
+                torch.tensor([s.num_output for s in seqs], dtype=torch.int64, device=dev),
+                filtered=filtered,
+            )
+        both = torch.stack([tok.long(), torch.isfinite(logits).all(-1).long()]).tolist()  # one host sync
+        return both[0], [bool(x) for x in both[1]]
 
     def __enter__(self) -> "Engine":
         return self
@@ -284,6 +466,10 @@ class Engine(StepLoop, Parking):
 
     def __repr__(self) -> str:
         return f"Engine(path={self.path!r}, model={self.model_dir!r}, device={self.device})"
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
 class _ClosedRunner:

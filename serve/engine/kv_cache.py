@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+BLOCK_SIZE = 16   # tokens per block: the engine's default, and the unit the memory planner sizes pools in
+
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
     """Blocks needed to hold `num_tokens` tokens."""
@@ -29,7 +31,7 @@ class BlockAllocator:
     Preferring low ids and the next id keeps a sequence's blocks consecutive most of the
     time, which lets the CPU decode path read its K/V as a view instead of gathering.
 
-    Prefix caching (see serve/prefix_cache.py) registers a full, computed block under a
+    Prefix caching (see prefix_cache.py) registers a full, computed block under a
     content key. A block whose last holder frees it keeps its key and K/V: it is free
     (counted in `num_free`, allocatable) but *evictable*, and a later request with the
     same key can take it back with `share`. Fresh allocations take blocks that hold

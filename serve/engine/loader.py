@@ -18,10 +18,11 @@ import torch
 
 from slotserve.bundles import hub
 from slotserve.engine import kv_cache  # KVCache through its module, so tests can inject an OOM
+from slotserve.engine.cuda_graphs import empty_cache
 from slotserve.engine.kv_cache import KVLayout, blocks_for, num_blocks_for_budget
-from slotserve.engine.parking import _empty_cache
-from slotserve.engine.weights import TensorPool, load_weights, safetensors_files
+from slotserve.engine.weights import TensorPool, load_weights
 from slotserve.kernels.dispatch import backend
+from slotserve.models.checkpoint import safetensors_files
 
 log = logging.getLogger("slotserve.engine")
 
@@ -127,7 +128,7 @@ def load_engine(cls, path, device="cpu", dtype=None, *, max_model_len=None, max_
                 tb = sys.exc_info()[2]
                 if tb is not None and tb.tb_next is not None:
                     traceback.clear_frames(tb.tb_next)
-                _empty_cache()
+                empty_cache()
             raise
         log.info("%s: lean model (%s), %s on %s", model_dir, lean.arch, dtype, device)
         return eng

@@ -10,7 +10,7 @@ Shared blocks are immutable: a sequence writes only at positions >= its `num_cac
 i.e. into its own last, non-full block, and a hit never covers the last prompt token
 (its logits are needed, so at least it is computed). So no copy-on-write is needed.
 
-The lifecycle of a block's key (the allocator in serve/kv_cache.py keeps the table):
+The lifecycle of a block's key (the allocator in kv_cache.py keeps the table):
 - registered after a step that computed the block succeeded (`Scheduler.postprocess`),
   never for a failed step, a request cancelled while its step ran, or a partial block;
 - a sequence that finishes, is cancelled or preempted drops its references; a

@@ -9,7 +9,7 @@ where large matmuls are cheaper per row (CPU, and GPU prefill) decode rows ride 
 Memory rules (the pool is `BlockAllocator`):
 - admission is FIFO and reserves the blocks for the whole (remaining) prompt, so a
   sequence whose prefill started never waits for blocks;
-- with prefix caching (serve/prefix_cache.py) admission first takes the longest run of
+- with prefix caching (prefix_cache.py) admission first takes the longest run of
   cached full blocks of the prompt (shared, reference-counted) and starts the sequence
   after them; only the rest is allocated and prefilled. Blocks are registered for reuse
   in `postprocess`, i.e. only after the step that computed them succeeded;
@@ -69,6 +69,10 @@ class Sequence:
     @property
     def output_ids(self) -> list[int]:
         return self.token_ids[self.prompt_len:]
+
+    @property
+    def running(self) -> bool:
+        return self.status is SeqStatus.RUNNING
 
     @property
     def in_decode(self) -> bool:

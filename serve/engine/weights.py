@@ -1,7 +1,5 @@
-"""Safetensors loading by name into the lean model, with an optional content-keyed pool.
-
-The lean model asks for parameters as `WeightSpec(name, sources)`: one HF tensor name, or
-several that are concatenated along dim 0 (fused q/k/v, fused gate/up). Only
+"""Loading a model's parameters (`WeightSpec`s, slotserve.models.checkpoint) from its
+safetensors files onto a device, with an optional content-keyed pool. Only
 `*.safetensors` files are read (never pickle).
 
 `TensorPool` lets several engines (slots) hold one copy of identical tensors. A fused
@@ -19,37 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Hashable
 
 import torch
 from safetensors import safe_open
 
-from slotserve.bundles.source import model_weight_files
-
-
-@dataclass(frozen=True)
-class WeightSpec:
-    name: str                          # the lean model's parameter name
-    sources: tuple[str, ...]           # HF tensor names, concatenated along dim 0
-    optional: bool = False             # absent in the files -> parameter is None
-
-
-class WeightsError(ValueError):
-    pass
-
-
-def safetensors_files(model_dir: Path) -> list[Path]:
-    """The weight files of an HF model directory; refuses anything but safetensors."""
-    model_dir = Path(model_dir)
-    files = model_weight_files(model_dir)
-    if not files:
-        present = sorted(p.name for p in model_dir.iterdir()) if model_dir.is_dir() else []
-        raise WeightsError(
-            f"no *.safetensors weights in {model_dir} (found: {present or 'nothing'}); "
-            "slotserve loads safetensors only, never pickle checkpoints (.bin/.pt)")
-    return files
+from slotserve.models.checkpoint import WeightSpec, WeightsError, safetensors_files
 
 
 class TensorPool:

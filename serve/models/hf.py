@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 
-from slotserve.engine.scheduler import SeqStatus
-from slotserve.engine.weights import safetensors_files
+from slotserve.models.checkpoint import safetensors_files
 
 
 class HFRunner:
@@ -58,7 +57,7 @@ class HFRunner:
             if new_cache is None:
                 new_cache = out.past_key_values
             with self._lock:  # a cancel may have released this sequence while it ran
-                if seq.status is SeqStatus.RUNNING:
+                if seq.running:
                     self._caches[seq.seq_id] = new_cache
             if samples:
                 rows.append(out.logits[0, -1].float())

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from slotserve import kernels as K
-from slotserve.engine.weights import WeightSpec
 from slotserve.kernels.dispatch import use_triton
 from slotserve.models import cpu_ops
+from slotserve.models.checkpoint import WeightSpec
 from slotserve.models.cpu_ops import cpu_decode_plan, decode_attention_cpu, linear
 
 LEAN_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")

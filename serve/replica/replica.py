@@ -1,24 +1,32 @@
-"""One serving replica without Ray: converge the slots to the desired state, report back.
+"""One serving replica without Ray or HTTP: converge the slots to the desired state, report back.
 
-A `Replica` owns a SlotManager, the request `Handler` and two background loops:
+A `Replica` owns a SlotManager, its `Outbox` (what the controller hears next), its
+`EvalGate` and two background loops:
 
 * watch: long-polls the controller for the desired state and applies it — promote and
   rollback are O(1) swaps; only a bundle not yet in any slot is loaded (in a thread,
   so live keeps serving while a candidate loads);
-* report: sends the applied version, the slots, and the request outcomes (for the
-  controller's rollout windows) every `report_interval_s`.
+* report: sends the applied version, the slots, and the queued events (request
+  outcomes for the controller's rollout windows, feedback, shadow diffs, OOM events)
+  every `report_interval_s`.
 
-Nothing here may block the event loop: it serves every request of the replica (how
-swaps keep to that while a load holds the slot manager's memory lock: serve/reconciler.py).
+`apply(d)` makes the slots match `d` and routes requests by its weights: O(1) swaps
+first (promote, rollback), then releases, then loads. While a load runs, the watch loop
+calls `_swap_now` so a rollback, promote or weight change never waits for it.
 
-The Ray deployment (slotserve.app) is a thin shell around this; tests drive it with
-an in-process controller.
+Nothing here may block the event loop, which serves every request of the replica:
+* swaps are serialized by `_swap_lock` and read the slots again under it, so a swap is
+  never done twice (a second rollback would roll forward);
+* a rollback to a parked previous waits for the slot manager's memory lock, so it runs
+  in a thread (`SlotManager.rollback_async`); it aborts an in-flight candidate load,
+  which is not an error: the newer desired state is applied next (loading the
+  candidate again if it still names one).
 
-Layout: this file is the life cycle (start/stop, the two loops) and health/status;
-applying a desired state is in serve/reconciler.py, the event outbox in serve/outbox.py
-and the eval gate in serve/eval_gate.py (mixed in); settings in serve/replica_settings.py,
-the controller links in serve/controller_link.py and the handler's view of the slots in
-serve/slots_backend.py. The names other modules import from here are re-exported.
+Requests reach the slots through the request path the HTTP edge attaches
+(`attach(handler)`, slotserve.api.handler.Handler): it routes by this replica's
+`routing`, sends its outcomes to the outbox, and its in-flight count is reported. The
+Ray deployment (slotserve.app) is a thin shell around this; tests drive it with an
+in-process controller.
 """
 
 from __future__ import annotations
@@ -29,22 +37,21 @@ import os
 import socket
 import uuid
 
-from slotserve.api.auth import TokenCheck
-from slotserve.api.handler import Handler
-from slotserve.api.response_ids import ResponseIds
-from slotserve.control.state import HEARTBEAT_S, DesiredState
-from slotserve.replica.backend import SlotsBackend
+from slotserve import SLOT_NAMES
+from slotserve.control.state import HEARTBEAT_S, DesiredState, jsonable
+from slotserve.replica.backend import Routing, SlotsBackend
 from slotserve.replica.eval_gate import EvalGate
-from slotserve.replica.outbox import MAX_OUTBOX, Outbox, _jsonable
-from slotserve.replica.reconciler import Reconciler
+from slotserve.replica.outbox import Outbox
 from slotserve.replica.settings import Settings, make_manager
-
+from slotserve.rollout import ACTIVE
+from slotserve.rollout.safety import SafetyFilter
+from slotserve.slots import LoadAborted
 
 log = logging.getLogger("slotserve.replica")
 
 
-class Replica(Reconciler, Outbox, EvalGate):
-    """One replica: a slot manager, the request handler, the watch and report loops."""
+class Replica:
+    """One replica: a slot manager, the outbox and eval gate, the watch and report loops."""
 
     def __init__(self, settings: Settings, controller, *, mgr=None, replica_id: str | None = None,
                  metrics=None):
@@ -52,16 +59,14 @@ class Replica(Reconciler, Outbox, EvalGate):
         self.controller = controller
         self.id = replica_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.node = _node_id()
-        if mgr is None:
-            mgr = make_manager(settings, on_oom=self._on_oom)
-        elif hasattr(mgr, "on_oom"):
-            mgr.on_oom = self._on_oom
-        self.mgr = mgr
-        self.backend = SlotsBackend(mgr)
         self.metrics = metrics
-        # every replica of the app derives the same id-signing key from the admin token
-        ids = ResponseIds(TokenCheck(settings.admin_token_sha256, settings.store).expected_sha)
-        self.handler = Handler(self.backend, observe=self._observe, on_shadow=self.shadow, ids=ids)
+        self.outbox = Outbox(metrics, wake=self._poke)
+        self.mgr = mgr if mgr is not None else make_manager(settings)
+        self.mgr.on_oom = self.outbox.oom
+        self.backend = SlotsBackend(self.mgr)
+        self.eval_gate = EvalGate(self.backend, controller)
+        self.routing = Routing()                     # what the request path routes by (see `_route`)
+        self.handler = None                          # the request path, once the HTTP edge attaches it
         self.desired: DesiredState | None = None
         self._latest: DesiredState | None = None     # newest state seen (may be being applied)
         self._applying: asyncio.Task | None = None
@@ -70,12 +75,17 @@ class Replica(Reconciler, Outbox, EvalGate):
         self.routed = -1                             # live/previous/weights in effect
         self.error: dict | None = None
         self.loading: str | None = None
-        self.outbox: list[dict] = []
         self._tasks: list[asyncio.Task] = []
         self._wake = asyncio.Event()
         self._stopped = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.safety = None
+
+    def attach(self, handler) -> None:
+        """Serve requests through `handler` (slotserve.api.handler.Handler, built by the
+        HTTP edge around `backend` and `outbox`): from now on it routes by this replica's
+        routing, and its in-flight count is reported."""
+        handler.routing = self.routing
+        self.handler = handler
 
     # ------------------------------------------------------------ life cycle
 
@@ -93,6 +103,7 @@ class Replica(Reconciler, Outbox, EvalGate):
         self._stopped = True
         for t in self._tasks + ([self._applying] if self._applying else []):
             t.cancel()
+        self.eval_gate.cancel()
         try:
             await self.controller.call("forget", self.id)
         except Exception:
@@ -123,14 +134,14 @@ class Replica(Reconciler, Outbox, EvalGate):
         while not self._stopped:
             try:
                 await asyncio.wait_for(self._wake.wait(), self.settings.report_interval_s
-                                       if self.outbox or self._rollout_active() else 1.0)
+                                       if self.outbox.events or self._rollout_active() else 1.0)
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
             await self.report()
 
     async def report(self) -> None:
-        events, self.outbox = self.outbox, []
+        events = self.outbox.take()
         status = self.status()
         # every report refreshes the slot gauges from the state it sends: so they exist
         # before the first state change and follow tier moves
@@ -141,7 +152,7 @@ class Replica(Reconciler, Outbox, EvalGate):
             raise
         except Exception as exc:
             log.warning("report failed: %s", exc)
-            self.outbox = (events + self.outbox)[-MAX_OUTBOX:]
+            self.outbox.put_back(events)
 
     def refresh_gauges(self, slot_state: dict) -> None:
         if self.metrics is not None and self.desired is not None:
@@ -151,7 +162,152 @@ class Replica(Reconciler, Outbox, EvalGate):
                 log.debug("slot gauges not updated: %s", exc)
 
     def _rollout_active(self) -> bool:
-        return bool(self.desired and self.desired.rollout_phase in ("pending_eval", "running"))
+        return bool(self.desired and self.desired.rollout_phase in ACTIVE)
+
+    def _poke(self) -> None:
+        """Wake the report loop; safe from the loader thread too."""
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            if asyncio.get_running_loop() is loop:
+                self._wake.set()
+                return
+        except RuntimeError:
+            pass
+        loop.call_soon_threadsafe(self._wake.set)
+
+    def start_eval_gate(self) -> None:
+        """Run the rollout's eval gate in the background through the attached request path
+        (this replica received the rollout request: it holds both slots)."""
+        self.eval_gate.start(self.handler.answer)
+
+    # ------------------------------------------------------------ applying a desired state
+
+    async def _apply_latest(self) -> None:
+        while self._latest is not None and (self.desired is None
+                                            or self._latest.version != self.desired.version):
+            await self.apply(self._latest)
+
+    async def _swap_now(self, d: DesiredState) -> None:
+        """The swap part of `d` while a load is in progress: swaps and routing."""
+        try:
+            await self._swap(d)
+        except Exception as exc:
+            log.warning("swap for v%s deferred: %s", d.version, exc)
+        self._route(d)
+        if self._routes(d):
+            self.routed = max(self.routed, d.version)
+
+    async def _swap(self, d: DesiredState) -> None:
+        """Promote or roll back if that is what makes live `d`'s live. Idempotent: the
+        slots are read again under the swap lock, so a swap already done (by the watch
+        loop while `apply` waited) is not done twice — a second rollback would roll
+        forward."""
+        async with self._swap_lock:
+            cur = self.backend.digests()
+            want_live = d.live.digest if d.live else None
+            if not want_live or want_live == cur.get("live"):
+                return
+            if want_live == cur.get("candidate"):
+                self.mgr.promote()                       # O(1), never waits for memory
+            elif want_live == cur.get("previous"):
+                # swap inline, copy-back in a thread
+                await self.mgr.rollback_async(d.reason or "rollback")
+
+    def _routes(self, d: DesiredState) -> bool:
+        """Live and previous are those of `d` (so requests are routed as `d` says)."""
+        cur = self.backend.digests()
+        return all(cur.get(s) == (d.slot(s).digest if d.slot(s) else None) for s in ("live", "previous"))
+
+    async def apply(self, d: DesiredState) -> None:
+        """Make the slots match `d`; route by its weights. Idempotent.
+
+        Routing changes first (restricted to slots that hold a bundle), then slot
+        operations, then routing again: a candidate is never released while new
+        requests are still being routed to it."""
+        if self.error and self.error.get("version") == d.version:
+            return
+        self._route(d)
+        superseded = False
+        try:
+            await self._reconcile(d)
+            self.error = None
+        except LoadAborted as exc:
+            # A rollback (of a newer state) aborted this load to get the memory back: not
+            # a failure of the bundle, so not reported as one (the controller would drop
+            # the candidate as "load failed"). The newer state is applied next.
+            superseded = self._latest is not None and self._latest.version > d.version
+            log.warning("applying desired state v%s: %s%s", d.version, exc,
+                        f"; applying v{self._latest.version} next" if superseded else "")
+            if not superseded:
+                self.error = {"version": d.version, "message": f"{type(exc).__name__}: {exc}"}
+        except Exception as exc:
+            log.error("applying desired state v%s failed: %s", d.version, exc)
+            self.error = {"version": d.version, "message": f"{type(exc).__name__}: {exc}"}
+        finally:
+            self.loading = None
+        self.desired = d
+        if self.error is None and not superseded:
+            self.applied = d.version
+            self.routed = max(self.routed, d.version)
+        newest = self._latest if self._latest is not None and self._latest.version > d.version else d
+        self._route(newest)
+        if d.safety is not None or self.outbox.safety is None:
+            self.outbox.safety = SafetyFilter.from_config(d.safety)
+        self.backend.prune()
+        self._wake.set()
+        await self.report()   # (refreshes the slot gauges too)
+
+    def _route(self, d: DesiredState) -> None:
+        self.routing = Routing(
+            weights={s: w for s, w in d.weights.items() if w > 0} or {"live": 100.0},
+            salt=d.salt, sticky_key=None if d.sticky_key == "none" else d.sticky_key,
+            served_name=self.settings.served_name or d.served_name, shadow_fraction=d.mirror_fraction)
+        if self.handler is not None:
+            self.handler.routing = self.routing
+
+    async def _reconcile(self, d: DesiredState) -> None:
+        mgr = self.mgr
+        want = {s: (d.slot(s).digest if d.slot(s) else None) for s in SLOT_NAMES}
+        cur = self.backend.digests()
+        if want == {s: cur.get(s) for s in SLOT_NAMES}:
+            return
+        # O(1) swaps first: promote (candidate -> live, live -> previous) or rollback
+        # (previous <-> live).
+        await self._swap(d)
+        cur = self.backend.digests()
+        # A new live that is in no slot (e.g. `serve --bundle` changed it): stage it as the
+        # candidate and promote, so live never goes empty while it loads.
+        if want["live"] and cur.get("live") and cur["live"] != want["live"]:
+            if cur.get("candidate"):
+                mgr.release("candidate")
+            await self._load(d.live, "candidate", d)
+            async with self._swap_lock:
+                mgr.promote()
+        # Release what is no longer wanted (candidate first: it is what a revert drops).
+        # Under the swap lock, reading the slots again: the watch loop may have swapped
+        # them while we loaded, and a slot a rollback is bringing back must stay.
+        async with self._swap_lock:
+            cur = self.backend.digests()
+            for s in ("candidate", "previous", "live"):
+                if cur.get(s) and cur.get(s) != want[s]:
+                    mgr.release(s)
+            cur = self.backend.digests()
+        # Load what is missing: live first, so a new replica can serve as early as possible.
+        for s in ("live", "previous", "candidate"):
+            ref = d.slot(s)
+            if ref is not None and cur.get(s) != ref.digest:
+                await self._load(ref, s, d)
+
+    async def _load(self, ref, slot: str, d: DesiredState) -> None:
+        self.loading = f"{slot}: {ref.ref}"
+        await self.report()
+        kw = {"evict_previous": True} if slot == "candidate" and d.evict_previous else {}
+        await asyncio.to_thread(self.mgr.load, ref.ref, slot, **kw)
+        got = self.backend.digests().get(slot)
+        if got != ref.digest:
+            raise RuntimeError(f"slot {slot} holds {got} after loading {ref.ref} ({ref.digest})")
 
     # ------------------------------------------------------------ health and status
 
@@ -176,13 +332,14 @@ class Replica(Reconciler, Outbox, EvalGate):
             st = self.mgr.state()
         except Exception as exc:
             return {"error": str(exc)}
-        return _jsonable(st)
+        return jsonable(st)
 
     def status(self) -> dict:
         ok, why = self.ready()
         return {"node": self.node, "applied": self.applied, "routed": self.routed, "ready": ok, "why": why,
                 "slots": self.slot_state(), "error": self.error,
-                "inflight": self.handler.inflight, "loading": self.loading}
+                "inflight": self.handler.inflight if self.handler is not None else 0,
+                "loading": self.loading}
 
 
 def _node_id() -> str:

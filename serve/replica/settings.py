@@ -9,7 +9,12 @@ instead of being ignored. `make_manager` builds the default SlotManager, or the 
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import asdict, dataclass, fields
+
+from slotserve.bundles.store import Store
+from slotserve.slots import SlotManager
+from slotserve.slots.planner import parse_size
 
 
 @dataclass(frozen=True)
@@ -26,7 +31,7 @@ class Settings:
     admin_token_sha256: str | None = None
     max_inflight: int = 256              # per replica; more is a 429 with Retry-After
     report_interval_s: float = 0.1
-    manager: str | None = None           # "module:Class" of a slot manager (default slotserve.slots.manager)
+    manager: str | None = None           # "module:Class" with SlotManager's interface (tests); default SlotManager
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "Settings":
@@ -41,16 +46,11 @@ class Settings:
         return asdict(self)
 
 
-def make_manager(settings: Settings, on_oom=None):
+def make_manager(settings: Settings):
     """The slot manager `settings` describe (store, device, memory budget, class)."""
-    from slotserve.bundles.store import Store
-    from slotserve.slots.planner import parse_size
+    cls = SlotManager
     if settings.manager:
-        import importlib
-        mod, _, cls = settings.manager.partition(":")
-        SlotManager = getattr(importlib.import_module(mod), cls)
-    else:
-        from slotserve.slots.manager import SlotManager
+        mod, _, name = settings.manager.partition(":")
+        cls = getattr(importlib.import_module(mod), name)
     budget = parse_size(settings.memory_budget) if settings.memory_budget not in (None, "") else None
-    return SlotManager(Store(settings.store), device=settings.device, memory_budget_bytes=budget,
-                       on_oom=on_oom)
+    return cls(Store(settings.store), device=settings.device, memory_budget_bytes=budget)

@@ -6,7 +6,7 @@ the loader thread and injected faults.
     mgr.load("support-bot:2"); mgr.promote(); mgr.rollback("p99 breach")
 """
 
-from slotserve.slots.load_abort import LoadAborted
+from slotserve.slots.loader import LoadAborted
 from slotserve.slots.manager import SlotManager
 from slotserve.slots.planner import MemoryPlanError
 from slotserve.slots.slot import Slot, SlotUnavailable

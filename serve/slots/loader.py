@@ -1,4 +1,5 @@
-"""Building a slot's engine and tokenizer off the serving path.
+"""Loading a bundle into a slot off the serving path: the loader thread, building the
+slot's engine and tokenizer (`SlotLoader`), and aborting a load in flight (`LoadTicket`).
 
 A candidate loads while live serves, on the same CPU cores (2 on the dev box) and the
 same Python process. Two things keep live's latency flat while it happens:
@@ -9,20 +10,82 @@ same Python process. Two things keep live's latency flat while it happens:
   process cannot raise a thread's priority back: a pooled thread would stay slow;
 * the tokenizer is loaded with `trust_remote_code=False`, and the engine reads only
   safetensors (never pickle).
+
+A load holds the slot manager's memory lock for its whole duration (seconds for a big
+bundle). A rollback to a parked previous needs that lock to copy previous back; an
+operator pressing rollback must not wait for the candidate they are rolling away from.
+So each load carries a `LoadTicket`; the rollback calls `ticket.abort(why)` and the
+load stops at its next checkpoint, frees what it built and raises `LoadAborted`.
+Checkpoints are places where stopping is known to be clean:
+* between the load's phases (open, plan/park, engine, tokenizer, place), in the manager;
+* before every weight tensor is read, via `AbortablePool.acquire`: that call runs inside
+  the engine loader's try block, whose cleanup drops every pool claim and tensor the
+  half-built engine made. Weight reading is most of a load, so this is what makes an
+  abort prompt. Only the loader thread of that load sees its ticket (thread-local), so
+  an unpark or another load using the same pool is never interrupted by it.
+The KV pool allocation, CUDA graph capture and the transformers fallback have no
+checkpoint inside: an abort there takes effect when they return.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Hashable, Iterator, TypeVar
+
+import torch
+
+from slotserve.engine import Engine
+from slotserve.engine.weights import TensorPool
+from slotserve.slots.faults import FaultInjector, Faults
+from slotserve.slots.slot import Slot
+from slotserve.slots.state import SlotError
 
 log = logging.getLogger("slotserve.slots")
 T = TypeVar("T")
+
+
+class SlotLoader:
+    """Builds slots for one slot manager: in the throttled low-priority loader thread, with
+    the manager's shared tensor pool, numbering slots in load order (the accounting
+    attributes a storage several slots share to the oldest)."""
+
+    def __init__(self, device, pool: "AbortablePool", *, nice: int = 10, slice_s: float = 0.0005,
+                 pause_s: float = 0.005):
+        self.device, self.pool = device, pool
+        self.nice = nice                      # loads run at lower CPU priority than serving
+        self.slice_s, self.pause_s = slice_s, pause_s   # GIL duty cycle (see run_in_loader_thread)
+        self._seq = itertools.count()
+
+    def run(self, fn: Callable[[], T], busy: Callable[[], bool] | None = None) -> T:
+        """`fn()` in a new low-priority loader thread, throttled while `busy()`."""
+        return run_in_loader_thread(fn, self.nice, self.slice_s, self.pause_s, busy)
+
+    def build(self, bundle, name: str, faults: Faults, kv_cache_tokens: int, ticket: "LoadTicket",
+              resident: Callable[[], list[Slot]], started: float) -> Slot:
+        """The bundle's engine (weights through the shared pool, a checkpoint before each
+        tensor is read) and tokenizer (shared with a resident slot when its files are
+        identical), its faults attached -> a Slot named `name`, not placed anywhere yet."""
+        injector = FaultInjector(faults, bundle.digest)
+        injector.on_load()  # faults.oom_after == 0 drills an OOM right here
+        with checked_by(ticket):   # a checkpoint before each weight tensor is read
+            engine = load_engine(bundle.path, self.device, self.pool, kv_cache_tokens)
+        try:
+            ticket.check()
+            tokenizer = same_tokenizer(bundle, resident()) or load_tokenizer(bundle)
+            ticket.check()
+        except BaseException:
+            engine.close()
+            raise
+        injector.install(engine)
+        return Slot(name, bundle, engine, tokenizer, faults=faults, injector=injector,
+                    seq=next(self._seq), load_s=time.perf_counter() - started)
 
 
 def run_in_loader_thread(fn: Callable[[], T], nice: int = 10, slice_s: float = 0.0005,
@@ -86,8 +149,6 @@ def load_engine(bundle_path: Path, device, pool, kv_cache_tokens: int, enforce_e
     kv_cache_tokens comes from the planner (serving.json rounded to blocks), so the
     engine allocates exactly what was planned. enforce_eager: skip CUDA graph capture
     (capturing beside a running engine is fine: each engine captures on its own stream)."""
-    from slotserve.engine.engine import Engine
-
     return Engine.from_pretrained(bundle_path, device=str(device), tensor_pool=pool,
                                   kv_cache_tokens=kv_cache_tokens, enforce_eager=enforce_eager)
 
@@ -130,3 +191,58 @@ def shared_fn(bundle, slots):
                 and s.bundle.serving.get("dtype") == dtype:
             resident |= {rel for rel, e in other.items() if files.get(rel) == e}
     return lambda file, tensor: f"model/{file}" in resident
+
+
+class LoadAborted(SlotError):
+    """A load stopped on purpose (a rollback needed the memory); nothing of it remains."""
+
+
+class LoadTicket:
+    """One load's abort flag. Thread-safe; aborting twice keeps the first reason."""
+
+    def __init__(self, ref: str, slot: str):
+        self.ref, self.slot = ref, slot
+        self._why: str | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def aborted(self) -> bool:
+        return self._why is not None
+
+    def abort(self, why: str) -> bool:
+        """Ask the load to stop; True if this call did (False: already asked)."""
+        with self._lock:
+            if self._why is not None:
+                return False
+            self._why = why
+            return True
+
+    def check(self) -> None:
+        """Raise LoadAborted if an abort was asked for (call only where stopping is clean)."""
+        if self._why is not None:
+            raise LoadAborted(f"loading {self.ref} into {self.slot} was aborted: {self._why}; "
+                              "nothing of it was kept (load it again once that is done)")
+
+
+_current = threading.local()   # .ticket: the ticket of the load running on this thread
+
+
+@contextlib.contextmanager
+def checked_by(ticket: LoadTicket) -> Iterator[None]:
+    """Within this block, on this thread, every `AbortablePool.acquire` checks `ticket`."""
+    prev = getattr(_current, "ticket", None)
+    _current.ticket = ticket
+    try:
+        yield
+    finally:
+        _current.ticket = prev
+
+
+class AbortablePool(TensorPool):
+    """The slot manager's tensor pool: a TensorPool whose `acquire` is a load checkpoint."""
+
+    def acquire(self, key: Hashable, owner: object, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        ticket = getattr(_current, "ticket", None)
+        if ticket is not None:
+            ticket.check()   # before touching the pool: nothing to undo for this tensor
+        return super().acquire(key, owner, make)

@@ -8,7 +8,7 @@ last request has left (`_enter`/`_exit` count them).
 
 `SlotRequest` is what `SlotManager.generate` returns: an async token iterator that
 applies the OOM guard mid-flight — an out-of-memory failure on a candidate before any
-token reached the caller is retried on live (via the manager), so the caller sees a
+token reached the caller is retried on live (by the manager's guard), so the caller sees a
 normal answer; `slot` then names the slot that really answered.
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import torch
 
@@ -34,7 +34,7 @@ class SlotUnavailable(RuntimeError):
 class Slot:
     name: str                      # current role: live | previous | candidate
     bundle: Any                    # OpenedBundle (path, manifest)
-    engine: Any                    # slotserve.engine.engine.Engine; KV cache is per engine = per digest
+    engine: Any                    # slotserve.engine.Engine; KV cache is per engine = per digest
     tokenizer: Any                 # transformers tokenizer from the bundle's tokenizer/ dir
     tier: str = "device"           # device | host (parked) | moving (being parked/unparked)
     faults: Faults = field(default_factory=Faults)
@@ -42,7 +42,7 @@ class Slot:
     seq: int = 0                   # load order: shared tensors are "held" by the oldest slot
     load_s: float = 0.0            # seconds the load took (open, plan, engine, tokenizer)
     loaded_at: float = field(default_factory=time.time)
-    parked: Any = None             # tiers.Parked while tier == "host"
+    parked: Any = None             # the engine's ParkState while tier == "host"
     released: bool = False
     oom_reported: bool = False     # on_oom fires once per slot
     _inflight: int = 0
@@ -100,8 +100,9 @@ class SlotRequest:
     candidate OOM retry), `first_slot`, `retried`, `finish_reason`, `output_ids`.
     """
 
-    def __init__(self, manager, slot: Slot, handle, prompt_ids: list[int], params):
-        self._mgr = manager
+    def __init__(self, slot: Slot, handle, prompt_ids: list[int], params,
+                 retry_on_oom: Callable[[Slot, BaseException, list[int], Any], Awaitable["SlotRequest"]]):
+        self._retry_on_oom = retry_on_oom     # the manager's OOM guard: release a candidate, retry on live
         self.slot = self.first_slot = slot
         self._handle = handle
         self.prompt_ids, self.params = prompt_ids, params
@@ -148,7 +149,7 @@ class SlotRequest:
                     failed = self.slot
                     self._leave()
                     # Raises Overloaded for live; for a candidate: report, retry on live.
-                    other = await self._mgr._after_oom(failed, exc, self.prompt_ids, self.params)
+                    other = await self._retry_on_oom(failed, exc, self.prompt_ids, self.params)
                     self.slot, self._handle, self._exited = other.slot, other._handle, False
                     self.retried = True
                     other._exited = True  # this request now owns the live slot's count
