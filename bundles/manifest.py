@@ -17,7 +17,6 @@ from typing import Any, Mapping
 FORMAT = 1  # manifest schema version; bump on incompatible changes
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
 NAME_RULE = "lowercase letters, digits, '.', '_' or '-', starting with a letter or digit (at most 128)"
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class BundleError(ValueError):
@@ -221,10 +220,6 @@ def canonical_json(obj: Any) -> bytes:
 
 def digest_of(obj: Any) -> str:
     return "sha256:" + hashlib.sha256(canonical_json(obj)).hexdigest()
-
-
-def is_sha256_hex(text: str) -> bool:
-    return bool(_HEX64.fullmatch(text))
 
 
 def diff(a: Manifest, b: Manifest) -> dict[str, Any]:

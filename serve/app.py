@@ -9,57 +9,52 @@ slotserve.app:build_app) use.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
-from slotserve.api.routes import create_app
+from ray import serve
 
-try:
-    from ray import serve as _serve
-except ImportError:  # pragma: no cover - ray is a dependency; keep create_app importable
-    _serve = None
+from slotserve.api.routes import create_app
+from slotserve.control.controller import get_or_create
+from slotserve.metrics import Metrics
+from slotserve.replica import RayController, Replica, Settings
 
 
 def _replica_id() -> str:
     try:
-        ctx = _serve.get_replica_context()
-        rid = ctx.replica_id
+        rid = serve.get_replica_context().replica_id
         return getattr(rid, "unique_id", None) or str(rid)
     except Exception:
-        import uuid
         return uuid.uuid4().hex[:8]
 
 
-if _serve is not None:
-    # max_ongoing_requests above Settings.max_inflight (256): past our own limit a client
-    # gets a 429 with Retry-After rather than waiting in Serve's queue.
-    @_serve.deployment(name="SlotServe", max_ongoing_requests=384, health_check_period_s=5,
-                       health_check_timeout_s=30, graceful_shutdown_timeout_s=20,
-                       ray_actor_options={"num_cpus": 0})
-    @_serve.ingress()
-    class SlotServe:
-        """One replica: slots + handler; converges to the controller's desired state
-        (live and previous loaded) before Serve routes any request to it."""
+# max_ongoing_requests above Settings.max_inflight (256): past our own limit a client
+# gets a 429 with Retry-After rather than waiting in Serve's queue.
+@serve.deployment(name="SlotServe", max_ongoing_requests=384, health_check_period_s=5,
+                  health_check_timeout_s=30, graceful_shutdown_timeout_s=20,
+                  ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class SlotServe:
+    """One replica: slots + handler; converges to the controller's desired state
+    (live and previous loaded) before Serve routes any request to it."""
 
-        async def __init__(self, settings: dict | None = None):
-            from slotserve.control.controller import get_or_create
-            from slotserve.metrics import Metrics
-            from slotserve.replica import RayController, Replica, Settings
-            s = Settings.from_dict(settings)
-            rid = _replica_id()
-            handle = get_or_create(s.store, s.app, s.bundle)
-            self.replica = Replica(s, RayController(handle), replica_id=rid, metrics=Metrics(rid))
-            await self.replica.start()
+    async def __init__(self, settings: dict | None = None):
+        s = Settings.from_dict(settings)
+        rid = _replica_id()
+        handle = get_or_create(s.store, s.app, s.bundle)
+        self.replica = Replica(s, RayController(handle), replica_id=rid, metrics=Metrics(rid))
+        await self.replica.start()
 
-        def __serve_build_asgi_app__(self):
-            return create_app(self.replica)
+    def __serve_build_asgi_app__(self):
+        return create_app(self.replica)
 
-        async def check_health(self):
-            ok, why = self.replica.ready()
-            if not ok and self.replica.desired is None:
-                raise RuntimeError(f"replica lost its state: {why}")
+    async def check_health(self):
+        ok, why = self.replica.ready()
+        if not ok and self.replica.desired is None:
+            raise RuntimeError(f"replica lost its state: {why}")
 
-        async def __del__(self):
-            await self.replica.stop()
+    async def __del__(self):
+        await self.replica.stop()
 
 
 def build_app(args: dict | None = None):
@@ -80,7 +75,6 @@ def build_app(args: dict | None = None):
     if args.get("device", "cpu") == "cuda" and "num_gpus" not in actor_opts:
         actor_opts["num_gpus"] = 1
     opts["ray_actor_options"] = actor_opts
-    from slotserve.replica import Settings
     settings = Settings.from_dict(args)
     if settings.deployment != "SlotServe":
         opts["name"] = settings.deployment

@@ -18,6 +18,8 @@ from __future__ import annotations
 import functools
 import logging
 
+from slotserve import SLOT_NAMES
+
 log = logging.getLogger("slotserve.metrics")
 
 LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
@@ -131,7 +133,7 @@ def gpu_bytes_by_slot(slot_state: dict) -> dict[str, int]:
     if not _has_nvml():
         return {}
     out = {}
-    for slot in ("live", "previous", "candidate"):
+    for slot in SLOT_NAMES:
         info = _slot_info(slot_state, slot)
         if info.get("tier", "device") in ("device", "gpu", "cuda") and isinstance(info.get("held_bytes"), int):
             out[slot] = info["held_bytes"]

@@ -52,8 +52,7 @@ async def serving(store, app):
     finally:
         await c.aclose()
         await rep.stop()
-        if ctl._loop_task:
-            ctl._loop_task.cancel()
+        ctl.stop()
         rep.mgr.close()
 
 

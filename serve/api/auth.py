@@ -14,15 +14,14 @@ import os
 import secrets
 from pathlib import Path
 
+from slotserve.bundles.store import default_root
+
 ENV = "SLOTSERVE_ADMIN_TOKEN"
 
 
-def home() -> Path:
-    return Path(os.environ.get("SLOTSERVE_HOME") or Path.home() / ".slotserve").expanduser()
-
-
 def token_path(root: Path | None = None) -> Path:
-    return (Path(root) if root else home()) / "admin_token"
+    """Where the token file is: in the store's root ($SLOTSERVE_HOME by default)."""
+    return (Path(root) if root else default_root()) / "admin_token"
 
 
 def read_token(root: Path | None = None) -> str | None:

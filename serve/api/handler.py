@@ -206,7 +206,9 @@ class Handler:
         run = await self._start(prep)
         return "".join([p async for p in run.deltas()])
 
-    def _observe_run(self, run: Run, ok: bool, err: BaseException | None, cancelled: bool):
+    def run_ended(self, run: Run, ok: bool, err: BaseException | None, cancelled: bool):
+        """A started generation ended (`Run` calls this once): it leaves the in-flight count
+        and its outcome is observed."""
         self.inflight -= 1
         p = run.prep
         self._observe(Outcome(

@@ -50,7 +50,7 @@ class Run:
             self._recorded = True
             self.error = err
             self.cancelled = cancelled
-            self.h._observe_run(self, ok, err, cancelled)
+            self.h.run_ended(self, ok, err, cancelled)
             self.ended.set()
 
     @property

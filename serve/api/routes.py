@@ -27,6 +27,7 @@ from slotserve.api.handler import Handler
 from slotserve.api.requests import ChatCompletionRequest, CompletionRequest, FeedbackRequest, LoadRequest, ReasonRequest
 from slotserve.api.response_ids import ResponseIds
 from slotserve.api.responses import ModelCard, ModelList, now
+from slotserve.replica import Replica
 
 log = logging.getLogger("slotserve.app")
 MAX_BODY_BYTES = 8 << 20
@@ -73,50 +74,71 @@ class _SSE(StreamingResponse):
             self._run.close()  # a client that disconnected frees its KV blocks now
 
 
-def create_app(replica) -> FastAPI:
-    app = FastAPI(title="slotserve", version="0.1.0", docs_url=None, redoc_url=None,
-                  openapi_url=None)
+def create_app(replica: Replica) -> FastAPI:
+    """The FastAPI app serving `replica`: the OpenAI-compatible API through a request
+    Handler built here and attached to the replica, and the admin API, which forwards to
+    the controller."""
     check = TokenCheck(replica.settings.admin_token_sha256, replica.settings.store)
     # every replica of the app derives the same id-signing key from the admin token
     handler = Handler(replica.backend, observe=replica.outbox.observe, on_shadow=replica.outbox.shadow,
                       ids=ResponseIds(check.expected_sha))
     replica.attach(handler)
+    app = FastAPI(title="slotserve", version="0.1.0", docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    for exc, answer in ((APIError, _api_error), (ValidationError, _validation_error),
+                        (RequestValidationError, _validation_error), (StarletteHTTPException, _http_error),
+                        (Exception, _internal_error)):
+        app.add_exception_handler(exc, answer)
+    OpenAIRoutes(replica, handler).install(app)
+    AdminRoutes(replica, check).install(app)
+    return app
 
-    # ---------------------------------------------------------------- errors
 
-    @app.exception_handler(APIError)
-    async def _api_error(_, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers or None)
+# ---------------------------------------------------------------- errors
 
-    @app.exception_handler(ValidationError)
-    async def _validation(_, exc: ValidationError):
-        msg, param = describe_validation_error(exc)
-        return _err(400, msg, param=param)
+async def _api_error(_, exc: APIError):
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers or None)
 
-    @app.exception_handler(RequestValidationError)
-    async def _req_validation(_, exc: RequestValidationError):
-        msg, param = describe_validation_error(exc)
-        return _err(400, msg, param=param)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException):
-        if exc.status_code == 404:
-            return _err(404, f"no route {request.method} {request.url.path}; see docs/serving.md",
-                        code="unknown_url")
-        if exc.status_code == 405:
-            return _err(405, f"method {request.method} not allowed on {request.url.path}",
-                        code="method_not_allowed")
-        return _err(exc.status_code, str(exc.detail))
+async def _validation_error(_, exc: ValidationError | RequestValidationError):
+    msg, param = describe_validation_error(exc)
+    return _err(400, msg, param=param)
 
-    @app.exception_handler(Exception)
-    async def _internal(_, exc: Exception):
-        log.exception("unhandled error")
-        return _err(500, f"internal error ({type(exc).__name__}); the server logged the details",
-                    "server_error")
 
-    # ---------------------------------------------------------------- OpenAI surface
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    if exc.status_code == 404:
+        return _err(404, f"no route {request.method} {request.url.path}; see docs/serving.md",
+                    code="unknown_url")
+    if exc.status_code == 405:
+        return _err(405, f"method {request.method} not allowed on {request.url.path}",
+                    code="method_not_allowed")
+    return _err(exc.status_code, str(exc.detail))
 
-    async def _generate(kind: str, model, request: Request):
+
+async def _internal_error(_, exc: Exception):
+    log.exception("unhandled error")
+    return _err(500, f"internal error ({type(exc).__name__}); the server logged the details",
+                "server_error")
+
+
+# ---------------------------------------------------------------- OpenAI surface
+
+class OpenAIRoutes:
+    """POST /v1/chat/completions, /v1/completions, /v1/feedback; GET /v1/models[/{id}], /healthz."""
+
+    def __init__(self, replica: Replica, handler: Handler):
+        self.replica, self.handler = replica, handler
+
+    def install(self, app: FastAPI) -> None:
+        app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
+        app.add_api_route("/v1/completions", self.completions, methods=["POST"])
+        app.add_api_route("/v1/models", self.models, methods=["GET"])
+        app.add_api_route("/v1/models/{model_id:path}", self.model, methods=["GET"])
+        app.add_api_route("/v1/feedback", self.feedback, methods=["POST"])
+        app.add_api_route("/healthz", self.healthz, methods=["GET"])
+
+    async def _generate(self, kind: str, model, request: Request):
+        handler, replica = self.handler, self.replica
         req = _parse(model, await _json_body(request))
         if handler.inflight >= replica.settings.max_inflight:
             raise APIError(429, f"replica at capacity ({handler.inflight} requests in flight); "
@@ -133,15 +155,14 @@ def create_app(replica) -> FastAPI:
             run.close()
         return JSONResponse(body, headers=run.headers())
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await _generate("chat", ChatCompletionRequest, request)
+    async def chat_completions(self, request: Request):
+        return await self._generate("chat", ChatCompletionRequest, request)
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await _generate("completion", CompletionRequest, request)
+    async def completions(self, request: Request):
+        return await self._generate("completion", CompletionRequest, request)
 
-    def model_cards() -> list[ModelCard]:
+    def _model_cards(self) -> list[ModelCard]:
+        handler = self.handler
         views = handler.backend.views()
         cards = []
         if (name := handler.served_name(views)) is not None:
@@ -153,115 +174,126 @@ def create_app(replica) -> FastAPI:
                 cards.append(ModelCard(id=v.ref, created=now(), slot=s, digest=v.digest))
         return cards
 
-    @app.get("/v1/models")
-    async def models():
-        return JSONResponse(ModelList(data=model_cards()).model_dump(mode="json"))
+    async def models(self):
+        return JSONResponse(ModelList(data=self._model_cards()).model_dump(mode="json"))
 
-    @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str):
-        cards = model_cards()
+    async def model(self, model_id: str):
+        cards = self._model_cards()
         for card in cards:
             if card.id == model_id:
                 return JSONResponse(card.model_dump(mode="json"))
         raise APIError(404, f"model {model_id!r} is not served here; served: "
                             + ", ".join(c.id for c in cards), param="model", code="model_not_found")
 
-    @app.post("/v1/feedback")
-    async def feedback(request: Request):
+    async def feedback(self, request: Request):
         req = _parse(FeedbackRequest, await _json_body(request))
-        slot, view = handler.feedback(req)
+        slot, view = self.handler.feedback(req)
         if view is None:
             return JSONResponse({"ok": True, "recorded": False, "id": req.id,
                                  "note": "the bundle that answered is no longer in a slot"})
-        replica.outbox.feedback(slot, view, positive=not req.thumbs_down, rid=req.id)
+        self.replica.outbox.feedback(slot, view, positive=not req.thumbs_down, rid=req.id)
         return JSONResponse({"ok": True, "recorded": True, "id": req.id, "bundle": view.ref,
                              "slot": slot}, headers=view.headers())
 
-    @app.get("/healthz")
-    async def healthz():
+    async def healthz(self):
+        replica = self.replica
         ok, why = replica.ready()
         body = {"ready": ok, "status": why, "replica": replica.id,
                 "desired_version": replica.desired.version if replica.desired else None,
                 "applied_version": replica.applied,
-                "slots": {s: v.ref for s, v in handler.backend.views().items()}}
+                "slots": {s: v.ref for s, v in self.handler.backend.views().items()}}
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    # ---------------------------------------------------------------- admin surface
 
-    def _admin(request: Request) -> str:
-        why = check.check(request.headers.get("authorization"))
+# ---------------------------------------------------------------- admin surface
+
+class AdminRoutes:
+    """The admin API (bearer token): state, load, rollout start/status/promote/abort/resume,
+    rollback, ledger. Every change is the controller's; this replica forwards it and
+    answers once the replicas have converged (or the wait ran out)."""
+
+    def __init__(self, replica: Replica, check: TokenCheck):
+        self.replica, self.check = replica, check
+
+    def install(self, app: FastAPI) -> None:
+        app.add_api_route("/admin/state", self.state, methods=["GET"])
+        app.add_api_route("/admin/load", self.load, methods=["POST"])
+        app.add_api_route("/admin/rollout", self.rollout_start, methods=["POST"])
+        app.add_api_route("/admin/rollout", self.rollout_status, methods=["GET"])
+        app.add_api_route("/admin/rollout/promote", self.promote, methods=["POST"])
+        app.add_api_route("/admin/rollout/abort", self.abort, methods=["POST"])
+        app.add_api_route("/admin/rollout/resume", self.resume, methods=["POST"])
+        app.add_api_route("/admin/rollback", self.rollback, methods=["POST"])
+        app.add_api_route("/admin/ledger", self.ledger, methods=["GET"])
+
+    def _actor(self, request: Request) -> str:
+        """Who is asking (for the ledger), once the bearer token checks out; else a 401."""
+        why = self.check.check(request.headers.get("authorization"))
         if why is not None:
             raise APIError(401, why, code="unauthorized", headers={"WWW-Authenticate": "Bearer"})
         return request.headers.get("x-slotserve-actor") or "admin-api"
 
-    async def _control(op: str, args: dict, wait_s: float):
-        res = await replica.controller.call("admin", op, args, wait_s)
+    async def _control(self, op: str, args: dict, wait_s: float):
+        res = await self.replica.controller.call("admin", op, args, wait_s)
         if "error" in res:
             e = res["error"]
             raise APIError(e["status"], e["message"], code=e.get("code"))
         return JSONResponse(res)
 
+    @staticmethod
     async def _reason(request: Request) -> str:
         raw = await request.body()
         if not raw.strip():
             return ""
         return _parse(ReasonRequest, await _json_body(request)).reason
 
-    @app.get("/admin/state")
-    async def admin_state(request: Request):
-        _admin(request)
-        state = await replica.controller.call("admin_state")
-        state["answered_by"] = replica.id
+    async def state(self, request: Request):
+        self._actor(request)
+        state = await self.replica.controller.call("admin_state")
+        state["answered_by"] = self.replica.id
         return JSONResponse(state)
 
-    @app.post("/admin/load")
-    async def admin_load(request: Request):
-        actor = _admin(request)
+    async def load(self, request: Request):
+        actor = self._actor(request)
         req = _parse(LoadRequest, await _json_body(request))
-        return await _control("load", {"ref": req.bundle, "actor": actor,
-                                       "evict_previous": req.evict_previous}, LOAD_WAIT_S)
+        return await self._control("load", {"ref": req.bundle, "actor": actor,
+                                            "evict_previous": req.evict_previous}, LOAD_WAIT_S)
 
-    @app.post("/admin/rollout")
-    async def admin_rollout_start(request: Request):
-        actor = _admin(request)
+    async def rollout_start(self, request: Request):
+        actor = self._actor(request)
         spec = await _json_body(request)
         if not isinstance(spec, dict):
             raise APIError(400, "the rollout spec must be a JSON object (see docs/rollout.md)")
-        resp = await _control("rollout", {"spec": spec, "actor": actor}, LOAD_WAIT_S)
+        resp = await self._control("rollout", {"spec": spec, "actor": actor}, LOAD_WAIT_S)
         if json.loads(resp.body)["state"].get("rollout_phase") == "pending_eval":
-            replica.start_eval_gate()  # this replica holds both slots: it runs the eval set
+            self.replica.start_eval_gate()  # this replica holds both slots: it runs the eval set
         return resp
 
-    @app.get("/admin/rollout")
-    async def admin_rollout_status(request: Request):
-        _admin(request)
-        return JSONResponse(await replica.controller.call("rollout_status"))
+    async def rollout_status(self, request: Request):
+        self._actor(request)
+        return JSONResponse(await self.replica.controller.call("rollout_status"))
 
-    @app.post("/admin/rollout/promote")
-    async def admin_promote(request: Request):
-        actor = _admin(request)
-        return await _control("promote", {"actor": actor, "reason": await _reason(request)}, SWAP_WAIT_S)
+    async def promote(self, request: Request):
+        actor = self._actor(request)
+        return await self._control("promote", {"actor": actor, "reason": await self._reason(request)},
+                                   SWAP_WAIT_S)
 
-    @app.post("/admin/rollout/abort")
-    async def admin_abort(request: Request):
-        actor = _admin(request)
-        return await _control("abort", {"actor": actor, "reason": await _reason(request)}, SWAP_WAIT_S)
+    async def abort(self, request: Request):
+        actor = self._actor(request)
+        return await self._control("abort", {"actor": actor, "reason": await self._reason(request)},
+                                   SWAP_WAIT_S)
 
-    @app.post("/admin/rollout/resume")
-    async def admin_resume(request: Request):
-        actor = _admin(request)
-        return await _control("resume", {"actor": actor}, SWAP_WAIT_S)
+    async def resume(self, request: Request):
+        actor = self._actor(request)
+        return await self._control("resume", {"actor": actor}, SWAP_WAIT_S)
 
-    @app.post("/admin/rollback")
-    async def admin_rollback(request: Request):
-        actor = _admin(request)
-        return await _control("rollback", {"actor": actor, "reason": await _reason(request)}, SWAP_WAIT_S)
+    async def rollback(self, request: Request):
+        actor = self._actor(request)
+        return await self._control("rollback", {"actor": actor, "reason": await self._reason(request)},
+                                   SWAP_WAIT_S)
 
-    @app.get("/admin/ledger")
-    async def admin_ledger(request: Request, limit: int = 50, bundle: str | None = None):
-        _admin(request)
+    async def ledger(self, request: Request, limit: int = 50, bundle: str | None = None):
+        self._actor(request)
         if not 1 <= limit <= 10_000:
             raise APIError(400, "limit must be between 1 and 10000", param="limit")
-        return JSONResponse({"entries": await replica.controller.call("ledger", limit, bundle)})
-
-    return app
+        return JSONResponse({"entries": await self.replica.controller.call("ledger", limit, bundle)})

@@ -21,6 +21,8 @@ import socket
 import sys
 from typing import TYPE_CHECKING
 
+from slotserve import SLOT_NAMES
+
 if TYPE_CHECKING:  # httpx is imported lazily so `slotserve --help` stays fast
     import httpx
 
@@ -124,7 +126,7 @@ def _run(args, fn) -> int:
 def _summary(data: dict) -> str:
     st = data.get("state", {})
     d = st.get("desired", {})
-    slots = ", ".join(f"{s}={(d.get(s) or {}).get('ref', '-')}" for s in ("live", "previous", "candidate"))
+    slots = ", ".join(f"{s}={(d.get(s) or {}).get('ref', '-')}" for s in SLOT_NAMES)
     conv = "converged" if data.get("converged") else "NOT converged"
     return (f"{slots}; weights {st.get('weights')}; {conv} on {data.get('replicas')} replica(s) "
             f"in {data.get('converge_ms')} ms")
@@ -227,12 +229,12 @@ def cmd_state(args) -> int:
             d = data["desired"]
             print(f"app {data['app']} (state v{data['version']}): weights {data['weights']}, "
                   f"rollout {data.get('rollout_phase') or '-'}")
-            for s in ("live", "previous", "candidate"):
+            for s in SLOT_NAMES:
                 print(f"  {s:9} {(d.get(s) or {}).get('ref', '-')}")
             for r in data.get("replicas", []):
                 slots = (r.get("slots") or {}).get("slots") or {}
                 print(f"  replica {r['id']}: applied v{r['applied']} {'ready' if r['ready'] else 'NOT ready'}")
-                for s in ("live", "previous", "candidate"):
+                for s in SLOT_NAMES:
                     if isinstance(info := slots.get(s), dict):
                         print(f"    {s:9} {info.get('ref')} on {info.get('tier', '?')}: {_slot_memory(info)}")
         return data

@@ -22,7 +22,6 @@ import time
 from slotserve.control.core import ControllerCore
 from slotserve.control.state import HEARTBEAT_S
 from slotserve.control.transitions import ControlError
-from slotserve.rollout import machine as ro
 from slotserve.rollout.spec import RolloutSpec, SpecError
 
 
@@ -88,6 +87,12 @@ class SlotController:
                 log.exception("rollout tick failed")
             self._notify()
 
+    def stop(self) -> None:
+        """Stop the tick loop (a controller running in-process, shutting down; the actor
+        just ends with its process)."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+
     async def ping(self) -> str:
         self._ensure_loop()
         return "ok"
@@ -133,7 +138,7 @@ class SlotController:
                     RolloutSpec.parse(spec)  # refuse a bad spec (no bundle, too) before loading anything
                 except SpecError as exc:
                     raise ControlError(400, str(exc), "invalid_spec") from None
-                rec = self.core._resolve(spec["bundle"])
+                rec = self.core.resolve(spec["bundle"])
                 self.core.check_eval_gate(spec, rec)
                 cand = self.core.state.candidate
                 if cand is None or cand.digest != rec.digest:
@@ -202,10 +207,7 @@ class SlotController:
 
     async def eval_failed(self, message: str) -> None:
         self._ensure_loop()
-        if self.core.rollout is not None and self.core.rollout.phase == "pending_eval":
-            self.core.rollout, events = ro.abort(self.core.rollout, f"eval gate failed: {message}",
-                                                 self.core.clock(), trigger="eval")
-            self.core._apply_events(events)
+        self.core.eval_failed(message)
         self._notify()
 
     async def rollout_status(self) -> dict:

@@ -18,9 +18,10 @@ import uuid
 from dataclasses import asdict, replace
 from typing import Any, Callable
 
+from slotserve import SLOT_NAMES
 from slotserve.control import transitions as tr
 from slotserve.control.replicas import ReplicaTracker
-from slotserve.control.state import SLOTS, DesiredState, ReplicaInfo, SlotRef, jsonable
+from slotserve.control.state import DesiredState, ReplicaInfo, SlotRef, jsonable
 from slotserve.control.state_store import StateStore
 from slotserve.control.transitions import ControlError, LedgerRow, Transition, released
 from slotserve.rollout import machine as ro
@@ -60,7 +61,7 @@ class ControllerCore:
     def _restore(self, bundle: str | None, force: bool) -> DesiredState:
         state = self.state
         if bundle:
-            rec = self._resolve(bundle)
+            rec = self.resolve(bundle)
             t = tr.seed(state, SlotRef(rec.ref, rec.digest), bundle, force)
             if t is not None:
                 self._record(t, self.actor)
@@ -79,7 +80,8 @@ class ControllerCore:
     def pending_writes(self) -> bool:
         return self.saved.pending
 
-    def _resolve(self, ref: str):
+    def resolve(self, ref: str):
+        """The registry row of `ref`; a ControlError (404) naming what exists when there is none."""
         from slotserve.bundles.manifest import BundleError
         try:
             return self.store.resolve(ref)
@@ -159,7 +161,7 @@ class ControllerCore:
 
     def load(self, ref: str, *, actor: str, evict_previous: bool = False) -> DesiredState:
         self._refuse_during_rollout()
-        rec = self._resolve(ref)
+        rec = self.resolve(ref)
         return self._commit(tr.load(self.state, SlotRef(rec.ref, rec.digest), actor=actor,
                                     evict_previous=evict_previous), actor)
 
@@ -190,7 +192,7 @@ class ControllerCore:
             spec = RolloutSpec.parse(spec_dict)
         except SpecError as exc:
             raise ControlError(400, str(exc), "invalid_spec") from None
-        rec = self._resolve(spec.bundle)
+        rec = self.resolve(spec.bundle)
         self.check_eval_gate(spec_dict, rec)
         if self.state.live and rec.digest == self.state.live.digest:
             raise ControlError(409, f"{rec.ref} is already live", "already_live")
@@ -246,6 +248,13 @@ class ControllerCore:
                      metrics={"candidate.eval_score": candidate_score, "live.eval_score": live_score,
                               **detail})
         self._apply_events(events)
+
+    def eval_failed(self, message: str) -> None:
+        """The eval gate could not run (no answer, an error): the rollout it gates is aborted."""
+        if self.rollout is not None and self.rollout.phase == "pending_eval":
+            self.rollout, events = ro.abort(self.rollout, f"eval gate failed: {message}", self.clock(),
+                                            trigger="eval")
+            self._apply_events(events)
 
     # ------------------------------------------------------------ the rollout loop
 
@@ -309,7 +318,7 @@ class ControllerCore:
         s = self.state
         return jsonable({
             "app": self.app, "version": s.version,
-            "desired": {slot: (asdict(s.slot(slot)) if s.slot(slot) else None) for slot in SLOTS},
+            "desired": {slot: (asdict(s.slot(slot)) if s.slot(slot) else None) for slot in SLOT_NAMES},
             "weights": dict(s.weights), "mirror_fraction": s.mirror_fraction,
             "served_name": s.served_name, "rollout_phase": s.rollout_phase, "reason": s.reason, "updated_at": s.updated_at,
             "replicas": [asdict(r) for r in sorted(self.replicas.active(), key=lambda r: r.id)],

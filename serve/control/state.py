@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-SLOTS = ("live", "previous", "candidate")
+from slotserve import SLOT_NAMES
+
 HEARTBEAT_S = 2.0          # a replica's watch() returns at least this often
 
 
@@ -56,7 +57,7 @@ class DesiredState:
     @classmethod
     def from_dict(cls, d: dict) -> "DesiredState":
         d = dict(d)
-        for s in SLOTS:
+        for s in SLOT_NAMES:
             if d.get(s):
                 d[s] = SlotRef(**d[s])
         known = {f for f in cls.__dataclass_fields__}

@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
-from slotserve.control.state import SLOTS, DesiredState, jsonable
+from slotserve import SLOT_NAMES
+from slotserve.control.state import DesiredState, jsonable
 from slotserve.control.transitions import LedgerRow
 from slotserve.rollout import machine as ro
 
@@ -87,7 +88,7 @@ class StateStore:
         reg = self.registry
         holders = reg.aliases()
         why = state.reason or "state change"
-        for slot in SLOTS:
+        for slot in SLOT_NAMES:
             want = state.slot(slot)
             for name, aliases in holders.items():
                 if slot in aliases and (want is None or name != want.name):

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 from slotserve.drill.load import DrillError
 
-FAULT_KEYS = ("latency_ms", "error_rate", "oom_after", "nan_logits")
 SCENARIOS = ("fault", "quality")
 
 
@@ -55,6 +54,7 @@ class DrillConfig:
 
 def parse_faults(items: list[str] | None) -> dict:
     """['error_rate=0.5', 'nan_logits'] -> {'error_rate': 0.5, 'nan_logits': True}, validated."""
+    from slotserve.slots.faults import FAULT_KEYS, Faults   # here: it imports torch, the CLI must not
     out: dict = {}
     for item in items or ["error_rate=0.5"]:
         for part in item.split(","):
@@ -72,7 +72,6 @@ def parse_faults(items: list[str] | None) -> dict:
     if out.get("oom_after") == 0:
         raise DrillError("oom_after=0 makes loading the candidate fail, so it never takes traffic; "
                          "drill an out-of-memory under load with oom_after=1 or more")
-    from slotserve.slots.faults import Faults
     try:
         Faults.from_dict(out)
     except ValueError as exc:

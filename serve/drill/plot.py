@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 
-from slotserve.drill.report import format_ms, percentile
+from slotserve.drill.report import format_ms
+from slotserve.rollout.window import percentile
 
 _COLORS = {"live": "#1f77b4", "candidate": "#ff7f0e", "retried": "#9467bd", "other": "#7f7f7f"}
 _EVENTS = (("rollout_requested", "rollout requested", "#7f7f7f", ":"),
@@ -49,7 +50,7 @@ def plot(rep: dict, path: str, bin_s: float = 0.5) -> str:
         share[b][0] += 1
         share[b][1] += kind in ("candidate", "retried")
     xs = [i * bin_s + bin_s / 2 for i in range(nb)]
-    p99 = [percentile(v, 0.99) if v else float("nan") for v in bins]
+    p99 = [percentile(sorted(v), 0.99) if v else float("nan") for v in bins]
     ax1.plot(xs, p99, color="black", lw=1.2, label=f"p99 per {bin_s:g} s")
     ax1.set_yscale("log")
     ax1.set_ylabel("latency (ms, log)")

@@ -24,11 +24,11 @@ a self-contained drill shares one clock and uses 0.
 
 from __future__ import annotations
 
-import math
 from datetime import datetime
 from typing import Iterable, Sequence
 
 from slotserve.drill.load import Poll, Sample
+from slotserve.rollout.window import percentile
 
 
 # Which guard metric each injected fault should trip.
@@ -37,14 +37,6 @@ EXPECTED_GUARD = {"error_rate": ("error_rate",), "latency_ms": ("p99_latency_ms"
 FIGURES = ("time_to_detect_ms", "time_to_revert_ms", "served_by_candidate", "candidate_requests",
            "retried_on_live", "failed_requests", "requests", "p99_ms", "p50_ms", "phase_requests")
 PHASES = ("before", "during", "after")
-
-
-def percentile(xs: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile, q in (0, 1] (the same definition as slotserve.rollout.window)."""
-    if not xs:
-        return None
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
 
 
 def parse_ts(ts: str | None) -> float | None:
@@ -86,29 +78,92 @@ def analyse(samples: Sequence[Sample], polls: Sequence[Poll], ledger: Sequence[d
             and client(p.started_at) >= rollout_requested - 0.5]
     last = ours[-1] if ours else None
     phase = last.phase if last else None
-    started = client(ours[-1].started_at) if ours else None
-    ended = client(ours[-1].ended_at) if ours and ours[-1].ended_at else None
+    started = client(last.started_at) if last else None
+    rb_row, rollback, reason, guard = _rollback(last, ledger, candidate, client, offset, rollout_requested)
 
+    # -- who answered
+    cand_hits = [s for s in samples if s.bundle == candidate or s.retried_from == candidate]
+    served_by_candidate = sum(1 for s in samples if s.bundle == candidate)
+    failed = [s for s in samples if not s.ok]
+    first_bad, source = _first_bad(cand_hits, ours, polls, client, started)
+    reverted, resolution = _reverted(samples, cand_hits, live, rollback)
+    candidate_requests, retried = _candidate_counts(ours)
+
+    # -- latency by phase (successful requests)
+    def phase_of(s: Sample) -> str:
+        if s.start < rollout_requested:
+            return "before"
+        if reverted is None or s.start < reverted:
+            return "during"
+        return "after"
+
+    lat = {ph: [s.latency_ms for s in samples if s.ok and phase_of(s) == ph] for ph in PHASES}
+    problems, warnings = _verdict(phase, samples, failed, live, final_live, fault, guard, rollback, reverted,
+                                  same_clock, offset_err)
+
+    def rel(t: float | None) -> float | None:
+        return None if t is None else round(t - load_start, 4)
+
+    figures = {
+        "time_to_detect_ms": _r((rollback - first_bad) * 1e3 if rollback is not None and first_bad is not None
+                                else None),
+        "time_to_revert_ms": _r((reverted - rollback) * 1e3 if reverted is not None and rollback is not None
+                                else None),
+        "served_by_candidate": served_by_candidate,
+        "candidate_requests": candidate_requests,
+        "retried_on_live": retried,
+        "failed_requests": len(failed),
+        "requests": len(samples),
+        "p99_ms": {ph: _r(percentile(sorted(lat[ph]), 0.99)) for ph in PHASES},
+        "p50_ms": {ph: _r(percentile(sorted(lat[ph]), 0.50)) for ph in PHASES},
+        "phase_requests": {ph: len(lat[ph]) for ph in PHASES},
+    }
+    assert set(figures) == set(FIGURES)
+    duration = max(1e-9, load_end - load_start)
+    return {
+        "passed": not problems, "problems": problems, "warnings": warnings,
+        "live": live, "candidate": candidate, "fault": fault, "outcome": phase, "reason": reason,
+        "guard": guard,
+        "figures": figures,
+        "events": {"rollout_requested": rel(rollout_requested), "rollout_started": rel(started),
+                   "first_bad": rel(first_bad), "rollback": rel(rollback), "reverted": rel(reverted),
+                   "load_end": rel(load_end)},
+        "first_bad_source": source,
+        "revert_resolution_ms": _r(resolution * 1e3 if resolution is not None else None, 2),
+        "rollback_ledger": rb_row,
+        "clock": {"offset_s": round(offset, 6), "uncertainty_s": None if offset_err is None
+                  else round(offset_err, 6), "same_clock": same_clock},
+        "load": {"started_at": load_start, "duration_s": round(duration, 3), "requests": len(samples),
+                 "achieved_rps": round(len(samples) / duration, 2)},
+        "timeline": _timeline(samples, polls, rel, live, candidate),
+        "errors": sorted({s.error for s in failed if s.error})[:20],
+    }
+
+
+def _rollback(last: Poll | None, ledger: Sequence[dict], candidate: str, client, offset: float,
+              rollout_requested: float):
+    """(the ledger's rollback row, when the rollback was decided, why, which guard): the
+    rollout's end once it is rolled_back, else the ledger row's time."""
+    phase = last.phase if last else None
     rows = [e for e in ledger if candidate in (e.get("bundle"), e.get("from_ref"), e.get("to_ref"))
             and (parse_ts(e.get("ts")) or 0) - offset >= rollout_requested - 1.0]
     rb_row = next((e for e in sorted(rows, key=lambda e: e.get("id", 0))
                    if e.get("action") == "rollback"), None)
+    ended = client(last.ended_at) if last and last.ended_at else None
     rollback = ended if phase == "rolled_back" else None
     if rollback is None and rb_row is not None:
         rollback = client(parse_ts(rb_row.get("ts")))
     reason = (last.reason if last and phase == "rolled_back" else None) or \
         (rb_row.get("reason") if rb_row else None)
     guard = ((rb_row or {}).get("metrics") or {}).get("guard") or reason
+    return rb_row, rollback, reason, guard
 
-    # -- who answered
-    def hit(s: Sample) -> bool:
-        return s.bundle == candidate or s.retried_from == candidate
 
-    cand_hits = [s for s in samples if hit(s)]
-    served_by_candidate = sum(1 for s in samples if s.bundle == candidate)
-    failed = [s for s in samples if not s.ok]
-
-    # -- first bad
+def _first_bad(cand_hits: Sequence[Sample], ours: Sequence[Poll], polls: Sequence[Poll], client,
+               started: float | None) -> tuple[float | None, str | None]:
+    """(when the first request reached the candidate, which evidence says so): the client's
+    first answer by it, or the server's last poll before its window filled, if earlier;
+    never before the rollout started."""
     first_bad, source = None, None
     if cand_hits:
         first_bad, source = cand_hits[0].start, "client: first request answered by the candidate"
@@ -121,37 +176,41 @@ def analyse(samples: Sequence[Sample], polls: Sequence[Poll], ledger: Sequence[d
             first_bad, source = bound, "server: last poll before the candidate window filled"
     if first_bad is not None and started is not None and first_bad < started:
         first_bad = started
+    return first_bad, source
 
-    # -- reverted
-    reverted, resolution = None, None
-    if rollback is not None:
-        anchor = max([rollback] + [s.start for s in cand_hits])
-        nxt = next((s for s in samples if s.start > anchor and s.ok and s.bundle == live), None)
-        reverted = nxt.start if nxt else None
-        if reverted is not None:  # the revert happened after the request before nxt started
-            before_nxt = [s.start for s in samples if s.start < reverted]
-            resolution = reverted - max([rollback] + before_nxt)
 
-    # -- server-side candidate counts: windows restart each step; keep each step's last count
+def _reverted(samples: Sequence[Sample], cand_hits: Sequence[Sample], live: str,
+              rollback: float | None) -> tuple[float | None, float | None]:
+    """(the start of the first request live answered after the rollback and the last
+    request that reached the candidate, how much earlier the revert may have been)."""
+    if rollback is None:
+        return None, None
+    anchor = max([rollback] + [s.start for s in cand_hits])
+    nxt = next((s for s in samples if s.start > anchor and s.ok and s.bundle == live), None)
+    if nxt is None:
+        return None, None
+    # the revert happened after the request before nxt started
+    before_nxt = [s.start for s in samples if s.start < nxt.start]
+    return nxt.start, nxt.start - max([rollback] + before_nxt)
+
+
+def _candidate_counts(ours: Sequence[Poll]) -> tuple[int | None, int | None]:
+    """(requests that reached the candidate, of which retried on live) from the server's
+    windows, which restart each step: each step's last count, summed."""
     per_step: dict[int, tuple[int, int]] = {}
     for p in ours:
         if p.cand_requests is not None:
             r0, e0 = per_step.get(p.step or 0, (0, 0))
             per_step[p.step or 0] = (max(r0, p.cand_requests), max(e0, p.cand_errors or 0))
-    candidate_requests = sum(r for r, _ in per_step.values()) if per_step else None
-    retried = sum(e for _, e in per_step.values()) if per_step else None
+    if not per_step:
+        return None, None
+    return sum(r for r, _ in per_step.values()), sum(e for _, e in per_step.values())
 
-    # -- latency by phase (successful requests)
-    def phase_of(s: Sample) -> str:
-        if s.start < rollout_requested:
-            return "before"
-        if reverted is None or s.start < reverted:
-            return "during"
-        return "after"
 
-    lat = {ph: [s.latency_ms for s in samples if s.ok and phase_of(s) == ph] for ph in PHASES}
-
-    # -- verdict
+def _verdict(phase: str | None, samples: Sequence[Sample], failed: Sequence[Sample], live: str,
+             final_live: str | None, fault: dict, guard: str | None, rollback: float | None,
+             reverted: float | None, same_clock: bool, offset_err: float | None) -> tuple[list[str], list[str]]:
+    """(problems that fail the drill, warnings)."""
     problems, warnings = [], []
     if phase != "rolled_back":
         what = {None: "no rollout status was read", "running": "the rollout was still running",
@@ -180,54 +239,22 @@ def analyse(samples: Sequence[Sample], polls: Sequence[Poll], ledger: Sequence[d
     if not same_clock and offset_err is not None and offset_err > 0.05:
         warnings.append(f"clock offset to the server is uncertain by {offset_err * 1e3:.0f} ms; "
                         "detect/revert times carry that error")
+    return problems, warnings
 
-    def rel(t: float | None) -> float | None:
-        return None if t is None else round(t - load_start, 4)
 
+def _timeline(samples: Sequence[Sample], polls: Sequence[Poll], rel, live: str, candidate: str) -> dict:
+    """Every request (start, latency, who answered, ok) and every poll's candidate share."""
     def who(s: Sample) -> str:
         if s.retried_from == candidate:
             return "retried"
         return "candidate" if s.bundle == candidate else ("live" if s.bundle == live else "other")
 
-    figures = {
-        "time_to_detect_ms": _r((rollback - first_bad) * 1e3 if rollback is not None and first_bad is not None
-                                else None),
-        "time_to_revert_ms": _r((reverted - rollback) * 1e3 if reverted is not None and rollback is not None
-                                else None),
-        "served_by_candidate": served_by_candidate,
-        "candidate_requests": candidate_requests,
-        "retried_on_live": retried,
-        "failed_requests": len(failed),
-        "requests": len(samples),
-        "p99_ms": {ph: _r(percentile(lat[ph], 0.99)) for ph in PHASES},
-        "p50_ms": {ph: _r(percentile(lat[ph], 0.50)) for ph in PHASES},
-        "phase_requests": {ph: len(lat[ph]) for ph in PHASES},
-    }
-    assert set(figures) == set(FIGURES)
-    duration = max(1e-9, load_end - load_start)
     return {
-        "passed": not problems, "problems": problems, "warnings": warnings,
-        "live": live, "candidate": candidate, "fault": fault, "outcome": phase, "reason": reason,
-        "guard": guard,
-        "figures": figures,
-        "events": {"rollout_requested": rel(rollout_requested), "rollout_started": rel(started),
-                   "first_bad": rel(first_bad), "rollback": rel(rollback), "reverted": rel(reverted),
-                   "load_end": rel(load_end)},
-        "first_bad_source": source,
-        "revert_resolution_ms": _r(resolution * 1e3 if resolution is not None else None, 2),
-        "rollback_ledger": rb_row,
-        "clock": {"offset_s": round(offset, 6), "uncertainty_s": None if offset_err is None
-                  else round(offset_err, 6), "same_clock": same_clock},
-        "load": {"started_at": load_start, "duration_s": round(duration, 3), "requests": len(samples),
-                 "achieved_rps": round(len(samples) / duration, 2)},
-        "timeline": {
-            "columns": ["start_s", "latency_ms", "answered_by", "ok"],
-            "requests": [[rel(s.start), round(s.latency_ms, 2), who(s), s.ok] for s in samples],
-            "weights_columns": ["t_s", "candidate_pct", "phase"],
-            "weights": [[rel((p.sent + p.received) / 2), float(p.weights.get("candidate", 0.0)), p.phase]
-                        for p in polls],
-        },
-        "errors": sorted({s.error for s in failed if s.error})[:20],
+        "columns": ["start_s", "latency_ms", "answered_by", "ok"],
+        "requests": [[rel(s.start), round(s.latency_ms, 2), who(s), s.ok] for s in samples],
+        "weights_columns": ["t_s", "candidate_pct", "phase"],
+        "weights": [[rel((p.sent + p.received) / 2), float(p.weights.get("candidate", 0.0)), p.phase]
+                    for p in polls],
     }
 
 

@@ -25,15 +25,30 @@ from urllib.parse import quote
 from slotserve.drill.config import DrillConfig, drill_spec, publish_faulty, publish_prompt, quality_spec
 from slotserve.drill.load import Admin, DrillError, Poll, drive, monitor
 from slotserve.drill.server import LocalServer
-
-
-ACTIVE = ("pending_eval", "running")
+from slotserve.rollout import ACTIVE
 
 
 # ---------------------------------------------------------------- the drill
 
 def log_to_stderr(msg: str) -> None:
     print(f"[drill] {msg}", file=sys.stderr, flush=True)
+
+
+def _live_ref(state: dict) -> str | None:
+    """The live bundle's ref in an /admin/state answer."""
+    return ((state.get("desired") or {}).get("live") or {}).get("ref")
+
+
+async def _quiet_live(admin: Admin, url: str) -> str:
+    """The deployment's live ref, refused unless it has one and no rollout is running."""
+    state = await admin.call("GET", "/admin/state", timeout=30)
+    live = _live_ref(state)
+    if not live:
+        raise DrillError(f"{url} has no live bundle to drill against")
+    if state.get("rollout_phase") in ACTIVE:
+        raise DrillError(f"a rollout is in progress on {url} ({state['rollout_phase']}); a drill needs "
+                         "the deployment quiet: wait for it, or `slotserve rollout abort`")
+    return live
 
 
 async def _served_name(url: str, live: str) -> str:
@@ -69,13 +84,7 @@ async def drill(cfg: DrillConfig, url: str, token: str | None, *, store_root: st
     candidate = None
     started = False
     try:
-        state = await admin.call("GET", "/admin/state", timeout=30)
-        live = ((state.get("desired") or {}).get("live") or {}).get("ref")
-        if not live:
-            raise DrillError(f"{url} has no live bundle to drill against")
-        if state.get("rollout_phase") in ACTIVE:
-            raise DrillError(f"a rollout is in progress on {url} ({state['rollout_phase']}); a drill needs "
-                             "the deployment quiet: wait for it, or `slotserve rollout abort`")
+        live = await _quiet_live(admin, url)
         spec = dict(cfg.spec) if cfg.spec else None
         candidate = cfg.candidate  # a spec's own `bundle` is replaced by the drill's candidate
         faults = dict(cfg.faults)
@@ -135,8 +144,7 @@ async def drill(cfg: DrillConfig, url: str, token: str | None, *, store_root: st
         except DrillError:
             pass
         ledger = (await admin.call("GET", f"/admin/ledger?limit=200&bundle={quote(candidate)}"))["entries"]
-        final = await admin.call("GET", "/admin/state", timeout=30)
-        final_live = ((final.get("desired") or {}).get("live") or {}).get("ref")
+        final_live = _live_ref(await admin.call("GET", "/admin/state", timeout=30))
         rep = analyse(samples, polls, ledger, live=live, candidate=candidate, fault=faults,
                       load_start=load_start, load_end=load_end, rollout_requested=rollout_requested,
                       same_clock=same_clock, final_live=final_live)
@@ -172,13 +180,7 @@ async def quality_drill(cfg: DrillConfig, url: str, token: str | None, *, store_
     runs: list[dict] = []
     current = None
     try:
-        state = await admin.call("GET", "/admin/state", timeout=30)
-        live = ((state.get("desired") or {}).get("live") or {}).get("ref")
-        if not live:
-            raise DrillError(f"{url} has no live bundle to drill against")
-        if state.get("rollout_phase") in ACTIVE:
-            raise DrillError(f"a rollout is in progress on {url} ({state['rollout_phase']}); a drill needs "
-                             "the deployment quiet: wait for it, or `slotserve rollout abort`")
+        live = await _quiet_live(admin, url)
         if cfg.candidate:
             cases = [("given", cfg.candidate, "rolled_back")]
         else:
@@ -218,8 +220,7 @@ async def quality_drill(cfg: DrillConfig, url: str, token: str | None, *, store_
                                          if gate else ""))
             await _abort_if_ours(admin, candidate, lambda m: None)  # a passed gate leaves it at step 1
             current = None
-        final = await admin.call("GET", "/admin/state", timeout=30)
-        final_live = ((final.get("desired") or {}).get("live") or {}).get("ref")
+        final_live = _live_ref(await admin.call("GET", "/admin/state", timeout=30))
         problems = [f"{r['case']} candidate {r['candidate']}: expected {r['expected']}, got {r['outcome']}"
                     for r in runs if r["outcome"] != r["expected"]]
         if final_live != live:

@@ -104,8 +104,7 @@ class LocalServer:
             await serve
         finally:
             await rep.stop()
-            if getattr(ctl, "_loop_task", None) is not None:
-                ctl._loop_task.cancel()
+            ctl.stop()
             _close_slots(rep.mgr)
             sock.close()
 
@@ -121,13 +120,13 @@ class LocalServer:
 
 
 def _close_slots(mgr) -> None:
-    """Free every slot's engine (threads, KV pools) of the local server."""
-    if hasattr(mgr, "close"):
-        try:
-            mgr.close()
-            return
-        except Exception:
-            pass
+    """Free every slot's engine (threads, KV pools) of the local server; if closing fails,
+    release what is left slot by slot."""
+    try:
+        mgr.close()
+        return
+    except Exception:
+        pass
     for slot in ("candidate", "previous", "live"):
         try:
             mgr.release(slot)

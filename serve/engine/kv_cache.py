@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
-BLOCK_SIZE = 16   # tokens per block: the engine's default, and the unit the memory planner sizes pools in
+BLOCK_SIZE = 16          # tokens per block: the engine's default, and the unit the memory planner sizes pools in
+DEFAULT_MAX_BATCH = 64   # sequences per step when neither the caller nor serving.json says
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -295,6 +297,25 @@ def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.T
     k = k_cache.index_select(0, idx).flatten(0, 1)[:num_tokens]
     v = v_cache.index_select(0, idx).flatten(0, 1)[:num_tokens]
     return k, v
+
+
+def pool_tokens(serving: Mapping, bytes_per_token: int, max_batch: int, max_model_len: int, device) -> int:
+    """How many tokens a KV pool holds, the one rule for the engine and the memory planner:
+    serving.json's `kv_cache_tokens`, or its `kv_cache_bytes` at `bytes_per_token`. With
+    neither (a plain HF directory; a published bundle always has one) every batch row at
+    full length, capped by a memory budget (30% of what is free on CUDA, 512 MiB on CPU),
+    and never less than one full-length sequence."""
+    if serving.get("kv_cache_tokens"):
+        return int(serving["kv_cache_tokens"])
+    if serving.get("kv_cache_bytes"):
+        return max(1, int(serving["kv_cache_bytes"]) // bytes_per_token)
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * 0.3)
+    else:
+        budget = 512 << 20
+    return max(min(max_batch * max_model_len, budget // bytes_per_token), min(max_model_len, 1 << 20))
 
 
 def num_blocks_for_budget(kv_cache_tokens: int, block_size: int) -> int:

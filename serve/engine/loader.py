@@ -18,8 +18,9 @@ import torch
 
 from slotserve.bundles import hub
 from slotserve.engine import kv_cache  # KVCache through its module, so tests can inject an OOM
-from slotserve.engine.cuda_graphs import empty_cache
-from slotserve.engine.kv_cache import KVLayout, blocks_for, num_blocks_for_budget
+from slotserve.engine.cuda_graphs import DecodeGraphs, acquire_stream, empty_cache, release_stream
+from slotserve.engine.kv_cache import (BLOCK_SIZE, DEFAULT_MAX_BATCH, KVLayout, blocks_for, num_blocks_for_budget,
+                                       pool_tokens)
 from slotserve.engine.weights import TensorPool, load_weights
 from slotserve.kernels.dispatch import backend
 from slotserve.models.checkpoint import safetensors_files
@@ -31,11 +32,10 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 
 
 def load_engine(cls, path, device="cpu", dtype=None, *, max_model_len=None, max_batch=None,
-                kv_cache_tokens=None, tensor_pool: TensorPool | None = None, block_size: int = 16,
+                kv_cache_tokens=None, tensor_pool: TensorPool | None = None, block_size: int = BLOCK_SIZE,
                 max_prefill_tokens: int | None = None, enforce_eager: bool = False,
                 model_impl: str = "auto", enable_prefix_caching: bool | None = None):
     """`cls.from_pretrained(...)` (see `Engine.from_pretrained`) -> a `cls` instance."""
-
     if hub.is_hub(path):   # hub:ORG/REPO[@REV] -> the fetched snapshot (safetensors and configs only)
         path = hub.fetch(path).path
     path = Path(path)
@@ -49,10 +49,30 @@ def load_engine(cls, path, device="cpu", dtype=None, *, max_model_len=None, max_
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = _resolve_dtype(dtype if dtype is not None else serving.get("dtype"), hf_cfg, device)
     eos = _eos_ids(model_dir, hf_cfg)
-    max_batch = int(max_batch or serving.get("max_batch") or 64)
+    max_batch = int(max_batch or serving.get("max_batch") or DEFAULT_MAX_BATCH)
+    lean, reason = _model_code(hf_cfg, model_impl, model_dir)
+    max_model_len = _max_model_len(max_model_len or serving.get("max_model_len"), hf_cfg, lean)
+    if max_prefill_tokens is None:
+        max_prefill_tokens = int(serving.get("max_prefill_tokens") or (2048 if device.type == "cuda" else 512))
+    if enable_prefix_caching is None:
+        enable_prefix_caching = serving.get("enable_prefix_caching", True)
+    if not isinstance(enable_prefix_caching, bool):
+        raise ValueError(f"enable_prefix_caching (argument or serving.json) must be true or false, "
+                         f"got {enable_prefix_caching!r}")
+    common = dict(eos_token_ids=eos, max_model_len=max_model_len, max_batch=max_batch, block_size=block_size,
+                  model_dir=str(model_dir))
+    if lean is None:
+        kv_tokens = kv_cache_tokens or serving.get("kv_cache_tokens")   # no pool here: no bytes rule
+        return _transformers_engine(cls, model_dir, reason, device, dtype, kv_tokens, max_prefill_tokens, **common)
+    return _lean_engine(cls, lean, model_dir, file_sha, serving, device, dtype, kv_cache_tokens, tensor_pool,
+                        enforce_eager, max_prefill_tokens=max_prefill_tokens,
+                        enable_prefix_caching=enable_prefix_caching, **common)
 
-    from slotserve.engine.runner import LeanRunner
-    from slotserve.models.llama import LeanConfig, LeanModel, weight_specs
+
+def _model_code(hf_cfg, model_impl: str, model_dir: Path):
+    """(LeanConfig, None) when the lean model serves this architecture, else (None, why the
+    transformers fallback does); `model_impl` may insist on either."""
+    from slotserve.models.llama import LeanConfig
 
     lean = LeanConfig.from_hf(hf_cfg)
     if model_impl not in ("auto", "lean", "transformers"):
@@ -62,92 +82,97 @@ def load_engine(cls, path, device="cpu", dtype=None, *, max_model_len=None, max_
         reason = "model_impl='transformers' requested"
     elif model_impl == "lean" and reason:
         raise ValueError(f"{model_dir}: the lean model cannot serve it: {reason}")
+    return (lean, None) if reason is None else (None, reason)
+
+
+def _max_model_len(asked, hf_cfg, lean) -> int:
+    """The context length: `asked` (argument or serving.json), refused beyond what the
+    model supports, else the model's own."""
     model_max = _max_positions(hf_cfg)
-    if reason is None and lean.sliding_window:
+    if lean is not None and lean.sliding_window:
         # full attention equals sliding-window attention while a sequence fits the window
         model_max = min(model_max, lean.sliding_window)
-    req_len = max_model_len or serving.get("max_model_len")
-    if req_len is not None and int(req_len) > model_max:
-        raise ValueError(f"max_model_len={req_len} exceeds what this model supports ({model_max} positions"
-                         f"{', its sliding window' if reason is None and lean.sliding_window else ''})")
-    max_model_len = int(req_len or model_max)
-    if max_prefill_tokens is None:
-        max_prefill_tokens = int(serving.get("max_prefill_tokens") or (2048 if device.type == "cuda" else 512))
-    if enable_prefix_caching is None:
-        enable_prefix_caching = serving.get("enable_prefix_caching", True)
-    if not isinstance(enable_prefix_caching, bool):
-        raise ValueError(f"enable_prefix_caching (argument or serving.json) must be true or false, "
-                         f"got {enable_prefix_caching!r}")
+    if asked is not None and int(asked) > model_max:
+        raise ValueError(f"max_model_len={asked} exceeds what this model supports ({model_max} positions"
+                         f"{', its sliding window' if lean is not None and lean.sliding_window else ''})")
+    return int(asked or model_max)
 
-    if reason is None:
-        owner = object()
-        stream = None
+
+def _lean_engine(cls, lean, hf_dir: Path, file_sha, serving: dict, device: torch.device, dtype: torch.dtype,
+                 kv_cache_tokens, tensor_pool: TensorPool | None, enforce_eager: bool, *, max_batch: int,
+                 max_model_len: int, block_size: int, **kw):
+    """The lean model on slotserve.kernels: weights (through the pool), the paged KV pool,
+    the runner and, on CUDA, the decode graphs. A failure releases all of it."""
+    from slotserve.engine.runner import LeanRunner
+    from slotserve.models.llama import LeanModel, weight_specs
+
+    owner = object()
+    stream = None
+    weights = model = kv = runner = None
+    try:
+        if device.type == "cuda":
+            stream = acquire_stream(device)         # this engine's alone
+        weights = load_weights(hf_dir, weight_specs(lean), device=device, dtype=dtype,
+                               pool=tensor_pool, owner=owner, file_sha256=file_sha)
+        model = LeanModel(lean, weights, max_model_len, device, dtype)
+        # sized once the weights are in: on CUDA the default is a share of what is free now
+        per_token = KVLayout(lean.num_layers, 1, 1, lean.num_kv_heads, lean.head_dim, dtype).bytes_per_token
+        kv_tokens = int(kv_cache_tokens or pool_tokens(serving, per_token, max_batch, max_model_len, device))
+        layout = KVLayout(lean.num_layers, num_blocks_for_budget(kv_tokens, block_size), block_size,
+                          lean.num_kv_heads, lean.head_dim, dtype,
+                          head_major=device.type == "cpu" and backend() != "triton")
+        kv = kv_cache.KVCache(layout, device)
+        model.kv_layers = kv.layers
+        runner = LeanRunner(model, block_size, blocks_for(max_model_len, block_size))
+        if device.type == "cuda":
+            # weights and KV were written on this thread's stream; the engine's own
+            # stream (graph capture, steps) must see them finished
+            torch.cuda.current_stream(device).synchronize()
+            if not enforce_eager:
+                runner.graphs = DecodeGraphs.try_capture(runner, max_batch, stream)
+        eng = cls(runner, max_batch=max_batch, max_model_len=max_model_len, block_size=block_size,
+                  kv_tokens=kv_tokens, kv=kv, tensor_pool=tensor_pool, owner=owner, stream=stream, **kw)
+    except BaseException:
+        # A failed load (OOM in the KV pool, a missing tensor, ...) must not leak: drop
+        # every pool claim this engine made and the tensors it allocated. The frame
+        # (kept alive by the traceback) must not pin them either.
+        if runner is not None and runner.graphs is not None:
+            runner.graphs.release()
+        if kv is not None:
+            kv.release()
+        if tensor_pool is not None:
+            tensor_pool.release(owner)
         weights = model = kv = runner = None
-        try:
-            if device.type == "cuda":
-                from slotserve.engine.cuda_graphs import acquire_stream
-                stream = acquire_stream(device)         # this engine's alone
-            weights = load_weights(model_dir, weight_specs(lean), device=device, dtype=dtype,
-                                   pool=tensor_pool, owner=owner, file_sha256=file_sha)
-            model = LeanModel(lean, weights, max_model_len, device, dtype)
-            per_token = KVLayout(lean.num_layers, 1, 1, lean.num_kv_heads, lean.head_dim, dtype).bytes_per_token
-            kv_tokens = _kv_tokens(kv_cache_tokens, serving, per_token, max_batch, max_model_len, device)
-            layout = KVLayout(lean.num_layers, num_blocks_for_budget(kv_tokens, block_size), block_size,
-                              lean.num_kv_heads, lean.head_dim, dtype,
-                              head_major=device.type == "cpu" and backend() != "triton")
-            kv = kv_cache.KVCache(layout, device)
-            model.kv_layers = kv.layers
-            runner = LeanRunner(model, block_size, blocks_for(max_model_len, block_size))
-            if device.type == "cuda":
-                # weights and KV were written on this thread's stream; the engine's own
-                # stream (graph capture, steps) must see them finished
-                torch.cuda.current_stream(device).synchronize()
-                if not enforce_eager:
-                    from slotserve.engine.cuda_graphs import DecodeGraphs
-                    runner.graphs = DecodeGraphs.try_capture(runner, max_batch, stream)
-            eng = cls(runner, eos_token_ids=eos, max_model_len=max_model_len, max_batch=max_batch,
-                      kv_tokens=kv_tokens, block_size=block_size, max_prefill_tokens=max_prefill_tokens,
-                      kv=kv, tensor_pool=tensor_pool, owner=owner, model_dir=str(model_dir), stream=stream,
-                      enable_prefix_caching=enable_prefix_caching)
-        except BaseException:
-            # A failed load (OOM in the KV pool, a missing tensor, ...) must not leak: drop
-            # every pool claim this engine made and the tensors it allocated. The frame
-            # (kept alive by the traceback) must not pin them either.
-            if runner is not None and runner.graphs is not None:
-                runner.graphs.release()
-            if kv is not None:
-                kv.release()
-            if tensor_pool is not None:
-                tensor_pool.release(owner)
-            weights = model = kv = runner = None
-            if device.type == "cuda":
-                from slotserve.engine.cuda_graphs import release_stream
-                release_stream(stream)
-                # the inner frames (load_weights, KVCache, ...) have ended; their locals
-                # would keep device tensors alive as long as the exception is referenced
-                tb = sys.exc_info()[2]
-                if tb is not None and tb.tb_next is not None:
-                    traceback.clear_frames(tb.tb_next)
-                empty_cache()
-            raise
-        log.info("%s: lean model (%s), %s on %s", model_dir, lean.arch, dtype, device)
-        return eng
+        if device.type == "cuda":
+            release_stream(stream)
+            # the inner frames (load_weights, KVCache, ...) have ended; their locals
+            # would keep device tensors alive as long as the exception is referenced
+            tb = sys.exc_info()[2]
+            if tb is not None and tb.tb_next is not None:
+                traceback.clear_frames(tb.tb_next)
+            empty_cache()
+        raise
+    log.info("%s: lean model (%s), %s on %s", hf_dir, lean.arch, dtype, device)
+    return eng
 
+
+def _transformers_engine(cls, hf_dir: Path, reason: str, device: torch.device, dtype: torch.dtype,
+                         kv_cache_tokens, max_prefill_tokens: int, *, max_batch: int, max_model_len: int, **kw):
+    """Any other causal LM through transformers' own model (slotserve.models.hf); the
+    scheduler still budgets KV tokens, by `kv_cache_tokens` or a default."""
     from slotserve.models.hf import HFRunner
 
-    log.warning("%s: serving through transformers (fallback): %s", model_dir, reason)
-    runner = HFRunner(model_dir, device, dtype)
-    kv_tokens = int(kv_cache_tokens or serving.get("kv_cache_tokens") or min(max_batch * max_model_len, 1 << 16))
+    log.warning("%s: serving through transformers (fallback): %s", hf_dir, reason)
+    runner = HFRunner(hf_dir, device, dtype)
+    kv_tokens = int(kv_cache_tokens or min(max_batch * max_model_len, 1 << 16))
     stream = None
     if device.type == "cuda":
-        from slotserve.engine.cuda_graphs import acquire_stream
-
         torch.cuda.current_stream(device).synchronize()   # weights written on this thread's stream
         stream = acquire_stream(device)
     # No chunking on this path: a whole prompt is one forward call.
-    return cls(runner, eos_token_ids=eos, max_model_len=max_model_len, max_batch=max_batch,
-               kv_tokens=kv_tokens, block_size=block_size, max_prefill_tokens=max(max_prefill_tokens, max_model_len),
-               model_dir=str(model_dir), fallback_reason=reason, stream=stream)
+    return cls(runner, max_batch=max_batch, max_model_len=max_model_len, kv_tokens=kv_tokens,
+               max_prefill_tokens=max(max_prefill_tokens, max_model_len), fallback_reason=reason, stream=stream,
+               **kw)
 
 
 def _resolve(path: Path) -> tuple[Path, dict, dict[str, str] | None]:
@@ -210,20 +235,3 @@ def _max_positions(hf_cfg) -> int:
             return v
     return 2048
 
-
-def _kv_tokens(explicit, serving: dict, per_token: int, max_batch: int, max_model_len: int,
-               device: torch.device) -> int:
-    if explicit:
-        return int(explicit)
-    if serving.get("kv_cache_tokens"):
-        return int(serving["kv_cache_tokens"])
-    if serving.get("kv_cache_bytes"):
-        return max(1, int(serving["kv_cache_bytes"]) // per_token)
-    # Default: every slot at full length, capped by a memory budget (the slot layer's
-    # planner normally sets kv_cache_tokens explicitly).
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = int(free * 0.3)
-    else:
-        budget = 512 << 20
-    return max(min(max_batch * max_model_len, budget // per_token), min(max_model_len, 1 << 20))

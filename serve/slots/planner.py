@@ -6,7 +6,7 @@ manager calls `estimate()` then `plan()` before every load; a refusal is a
 squeezed" is only credible if an operator can see why a candidate did not fit.
 
 Free memory is the smaller of
-  * what the device reports free (cudaMemGetInfo / NVML on CUDA; host MemAvailable on
+  * what the device reports free (cudaMemGetInfo through torch on CUDA; host MemAvailable on
     CPU) — this already excludes what our slots hold, since they are allocated, and
   * the configured budget minus what our slots hold (a cap anywhere; the only
     meaningful figure on CPU, where host RAM is shared with everything else).
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from slotserve.bundles.source import model_weight_files
+from slotserve.engine.kv_cache import BLOCK_SIZE, DEFAULT_MAX_BATCH, pool_tokens
 
 # Bytes per element by safetensors dtype tag and by serving.json / torch dtype name.
 _ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
@@ -32,7 +33,6 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 # tiny bundles still leave room for a prefill, and a fraction so big ones scale.
 HEADROOM_MIN_BYTES = 16 << 20
 HEADROOM_FRACTION = 0.10
-KV_BLOCK_SIZE = 16  # the engine's default paged-KV block; pools are whole blocks
 
 _UNITS = {"": 1, "b": 1,
           "k": 1 << 10, "kib": 1 << 10, "kb": 10**3,
@@ -89,7 +89,7 @@ class DeviceMemory:
     free_bytes: int | None    # reported by the driver/OS; None when nothing reports
     total_bytes: int | None
     budget_bytes: int | None  # configured cap on what all slots together may hold
-    source: str               # "torch" | "nvml" | "host" | "budget"
+    source: str               # "torch" | "host" | "budget"
 
 
 @dataclass(frozen=True)
@@ -204,21 +204,14 @@ def kv_bytes_per_token(config: dict, dtype_bytes: int) -> int:
     return text["num_hidden_layers"] * 2 * kv_heads * head_dim * dtype_bytes
 
 
-def kv_tokens(config: dict, serving: dict, device: str = "cpu", block_size: int = KV_BLOCK_SIZE) -> int:
-    """KV pool size in tokens from serving.json, rounded up to whole blocks like the engine.
-
-    kv_cache_bytes is converted at the serving dtype; with neither key (never the case
-    for a published bundle, whose defaults are filled in) every batch row at full context.
-    """
+def kv_tokens(config: dict, serving: dict, device: str = "cpu", block_size: int = BLOCK_SIZE) -> int:
+    """KV pool size in tokens by the engine's rule (slotserve.engine.kv_cache.pool_tokens;
+    kv_cache_bytes converted at the serving dtype), rounded up to whole blocks like the
+    engine. The slot manager hands the result to the engine, so it allocates exactly this."""
     text = config.get("text_config", config)
-    if serving.get("kv_cache_tokens"):
-        tokens = int(serving["kv_cache_tokens"])
-    elif serving.get("kv_cache_bytes"):
-        per = kv_bytes_per_token(config, serving_dtype_bytes(serving, config, device))
-        tokens = max(1, int(serving["kv_cache_bytes"]) // per)
-    else:
-        tokens = int(serving.get("max_batch", 16)) * int(
-            serving.get("max_model_len") or text.get("max_position_embeddings", 2048))
+    per = kv_bytes_per_token(config, serving_dtype_bytes(serving, config, device))
+    tokens = pool_tokens(serving, per, int(serving.get("max_batch") or DEFAULT_MAX_BATCH),
+                         int(serving.get("max_model_len") or text.get("max_position_embeddings", 2048)), device)
     return -(-tokens // block_size) * block_size
 
 
@@ -252,15 +245,3 @@ def _host_memory() -> tuple[int | None, int | None]:
     except (OSError, ValueError, IndexError):
         return None, None
 
-
-def nvml_memory(index: int = 0) -> tuple[int, int]:
-    """(free, total) from NVML: what other processes on the GPU leave us. Used for state
-    reports; planning uses torch, which also sees this process's allocator cache."""
-    import pynvml
-
-    pynvml.nvmlInit()
-    try:
-        info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
-        return int(info.free), int(info.total)
-    finally:
-        pynvml.nvmlShutdown()

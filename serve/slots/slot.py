@@ -23,9 +23,6 @@ import torch
 
 from slotserve.slots.faults import FaultInjector, Faults
 
-TIERS = ("device", "host")
-
-
 class SlotUnavailable(RuntimeError):
     """The slot was released or is parked/moving; route the request elsewhere."""
 
