@@ -36,7 +36,7 @@ class Store:
     """A bundle store at `root`; `create=False` refuses a directory that holds none yet."""
 
     def __init__(self, root: str | Path | None = None, *, create: bool = True):
-        # absolute: Ray starts from another directory (slotserve.cli.serve.neutral_cwd)
+        # absolute: Ray starts from another directory (slotserve.cli.local_ray.neutral_cwd)
         self.root = (Path(root).expanduser() if root is not None else default_root()).absolute()
         try:
             self._prepare(create)

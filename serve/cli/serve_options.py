@@ -84,7 +84,7 @@ def resolve_options(args: argparse.Namespace) -> ServeOptions:
         elif cfg.get(name) is not None:
             given[name] = cfg[name]
     if given.get("store"):
-        # absolute now: the command runs Ray from another directory (server.neutral_cwd)
+        # absolute now: the command runs Ray from another directory (slotserve.cli.local_ray.neutral_cwd)
         given["store"] = os.path.abspath(os.path.expanduser(given["store"]))
     opts = ServeOptions(**given)
     for name in ("port", "dashboard_port"):
