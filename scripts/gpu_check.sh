@@ -3,7 +3,8 @@
 # runner, the Dockerfile.cuda image): every part under its own `timeout`, all of it inside
 # one budget that fits a 10-minute command.
 #
-#   bash scripts/gpu_check.sh [OUT_DIR] [kernels] [tests] [engine]     (default: all three)
+#   bash scripts/gpu_check.sh [OUT_DIR] [kernels] [tests] [engine]     (default: all three, in
+#                                                                       that order; else as named)
 #
 # kernels: every Triton kernel against its reference on the GPU (sampler sets exactly), then
 #          time and GB/s against eager and torch.compile           -> kernels.json, kernels.txt
@@ -162,26 +163,30 @@ run_part() {
   printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$((SECONDS - start))" "$limit" >> "$out/summary.tsv"
 }
 
-want() { [[ " ${parts[*]} " == *" $1 "* ]]; }
-# While a part runs, each later part keeps 60 s back.
-keep_tests=0 keep_engine=0
-want tests && keep_tests=120
-want engine && keep_engine=60
-if want kernels; then
-  run_part kernels 180 $((keep_tests + keep_engine)) \
+# The parts run in the order named (default kernels tests engine), so a short budget goes to
+# the one that matters most. While a part runs, each part after it keeps 60 s back.
+kernels() {
+  run_part kernels 180 "$1" \
     "$py" "$repo/benchmarks/bench_kernels.py" --check --budget 90 --json "$out/kernels.json"
-fi
-if want tests; then
-  run_part tests-kernels 200 $((60 + keep_engine)) \
+}
+tests() {
+  run_part tests-kernels 200 $(($1 + 60)) \
     "${pytest[@]}" -q -p no:cacheprovider -rs --junitxml "$out/tests-kernels.xml" "$repo"/tests/test_kernels_*.py
-  run_part tests-gpu 150 "$keep_engine" \
+  run_part tests-gpu 150 "$1" \
     "${pytest[@]}" -q -p no:cacheprovider -rs -m gpu --continue-on-collection-errors \
     --ignore-glob="$repo/tests/test_kernels_*.py" --junitxml "$out/tests-gpu.xml" "$repo/tests"
-fi
-if want engine; then
-  run_part engine 240 0 \
+}
+engine() {
+  run_part engine 240 "$1" \
     "$py" "$repo/benchmarks/bench_engine.py" --device cuda --model-size 1b --json "$out/engine.json"
-fi
+}
+seen=" "
+for ((i = 0; i < ${#parts[@]}; i++)); do
+  part=${parts[$i]}
+  [[ $seen == *" $part "* ]] && continue
+  seen+="$part "
+  "$part" $(( (${#parts[@]} - i - 1) * 60 ))
+done
 column -t -s $'\t' "$out/summary.tsv" >&2 2>/dev/null || cat "$out/summary.tsv" >&2
 log "results in $out"
 exit "$failed"

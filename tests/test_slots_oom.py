@@ -140,3 +140,32 @@ def _wait_closed(slot, timeout=5.0):
     while not slot.engine.closed and time.time() < deadline:
         time.sleep(0.01)
     assert slot.engine.closed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_real_cuda_oom_loading_a_candidate_leaves_live_serving(store):
+    """A real torch.OutOfMemoryError from the CUDA allocator (not the drill's): the caching
+    allocator is capped just above what live holds, so the candidate's first new segment
+    fails. The candidate is released, the event says it was real, live answers as before."""
+    events = []
+    mgr = SlotManager(store, device="cuda", memory_budget_bytes=8 << 30, on_oom=events.append)
+    total = torch.cuda.get_device_properties(0).total_memory
+    try:
+        mgr.load("demo:1", "live")
+        answer = asyncio.run(_gen(mgr, "live"))[1]
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + (1 << 16)) / total)
+        try:
+            with pytest.raises(MemoryPlanError, match="ran out of memory"):
+                mgr.load("demo:6")
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+        assert "candidate" not in mgr.state()
+        assert [(e.phase, e.slot, e.injected) for e in events] == [("load", "candidate", False)]
+        assert asyncio.run(_gen(mgr, "live"))[1] == answer
+        mgr.load("demo:6")                                    # the slot is usable again
+        assert "candidate" in mgr.state()
+    finally:
+        mgr.close()
