@@ -3,7 +3,7 @@
 # runner, the Dockerfile.cuda image): every part under its own `timeout`, all of it inside
 # one budget that fits a 10-minute command.
 #
-#   bash scripts/gpu_check.sh [OUT_DIR] [kernels] [tests] [engine]     (default: all three, in
+#   bash scripts/gpu_check.sh [OUT_DIR] [kernels] [tests] [engine] [profile]   (default: the first three, in
 #                                                                       that order; else as named)
 #
 # kernels: every Triton kernel against its reference on the GPU (sampler sets exactly), then
@@ -12,6 +12,8 @@
 #          gpu-marked test (CUDA graphs, parking to pinned host)  -> tests-*.txt, tests-*.xml
 # engine:  engine vs transformers on a 1B Llama in bf16, batch-1 decode as a fraction of the
 #          memory-bandwidth limit                                   -> engine.json, engine.txt
+# profile: (only when named) where a 1B batch-1 decode step's time goes: kernel time vs wall,
+#          launches per token, the top kernels (torch.profiler)    -> profile.json, profile.txt
 # Always: env.txt (device, driver, torch, triton, CUDA, Python, which venv and how it was
 # made, commit) and summary.tsv (each part: status, exit code, seconds, its limit).
 #
@@ -36,7 +38,7 @@ out=benchmarks/results/gpu-{device}
 parts=()
 for arg in "$@"; do
   case $arg in
-    kernels|tests|engine) parts+=("$arg") ;;
+    kernels|tests|engine|profile) parts+=("$arg") ;;
     all) parts+=(kernels tests engine) ;;
     /*) out=$arg ;;
     *) out=$PWD/$arg ;;
@@ -179,6 +181,9 @@ tests() {
 engine() {
   run_part engine 240 "$1" \
     "$py" "$repo/benchmarks/bench_engine.py" --device cuda --model-size 1b --json "$out/engine.json"
+}
+profile() {
+  run_part profile 150 "$1" "$py" "$repo/benchmarks/profile_decode.py" --json "$out/profile.json"
 }
 seen=" "
 for ((i = 0; i < ${#parts[@]}; i++)); do

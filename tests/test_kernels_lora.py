@@ -252,7 +252,7 @@ def test_ref_vs_peft_composition_bf16():
     y, x, a, b, sc, idx = _case(37, 96, 40, 16, 3, "mixed", torch.bfloat16, seed=17)
     ours = lora.lora_ref(y.clone(), x, a, b, sc, idx).double()
     peft = _peft(y, x, a, b, sc, idx, 0).double()
-    exact, bound = y.double(), torch.zeros(y.shape, dtype=torch.float64)
+    exact, bound = y.double(), torch.zeros(y.shape, dtype=torch.float64, device=y.device)
     for row, ad in enumerate(idx.tolist()):
         if ad >= 0:
             s = x[row].double() @ a[ad].double().T

@@ -144,10 +144,13 @@ def _wait_closed(slot, timeout=5.0):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_real_cuda_oom_loading_a_candidate_leaves_live_serving(store):
+def test_real_cuda_oom_loading_a_candidate_leaves_live_serving(store, tmp_path):
     """A real torch.OutOfMemoryError from the CUDA allocator (not the drill's): the caching
-    allocator is capped just above what live holds, so the candidate's first new segment
-    fails. The candidate is released, the event says it was real, live answers as before."""
+    allocator is capped at what live holds, and the candidate's 512 MiB KV pool needs new
+    segments (a small candidate can fit in the cache's free fragments). The candidate is
+    released, the event says it was real, live answers as before."""
+    build_demo_model("llama", 1, tmp_path / "m")
+    big = store.publish(tmp_path / "m", "demo", serving={"kv_cache_bytes": 512 << 20}).ref
     events = []
     mgr = SlotManager(store, device="cuda", memory_budget_bytes=8 << 30, on_oom=events.append)
     total = torch.cuda.get_device_properties(0).total_memory
@@ -159,7 +162,7 @@ def test_real_cuda_oom_loading_a_candidate_leaves_live_serving(store):
         torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + (1 << 16)) / total)
         try:
             with pytest.raises(MemoryPlanError, match="ran out of memory"):
-                mgr.load("demo:6")
+                mgr.load(big)
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0)
         assert "candidate" not in mgr.state()
