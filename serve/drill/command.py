@@ -53,7 +53,7 @@ def register(subparsers) -> None:
     ld = p.add_argument_group("load")
     ld.add_argument("--concurrency", type=int, default=4, help="parallel clients (4)")
     ld.add_argument("--duration", type=float, default=30.0,
-                    help="longest wait, in seconds from the start of load, for the rollback (30)")
+                    help="longest wait, in seconds, for the candidate to take traffic, then for the rollback (30)")
     ld.add_argument("--rps", type=float, default=0.0, help="request rate; 0: as fast as answered (0)")
     ld.add_argument("--baseline", type=float, default=3.0, help="seconds of load on live before the rollout (3)")
     ld.add_argument("--settle", type=float, default=3.0, help="seconds of load after the rollback (3)")

@@ -119,12 +119,18 @@ async def drill(cfg: DrillConfig, url: str, token: str | None, *, store_root: st
         rollout_requested = time.time()
         started = True
         await admin.call("POST", "/admin/rollout", spec)
-        deadline = load_start + cfg.duration_s
+        # --duration bounds the wait for the candidate to take its share (its load can take a
+        # while on a busy machine), then, from that moment, the wait for the guards: a slow
+        # load must not eat the time the guards need to collect min_samples.
+        deadline, running = rollout_requested + cfg.duration_s, False
         outcome = None
         while time.time() < deadline:
             p = polls[-1] if polls else None
-            if p is not None and p.candidate == candidate and p.started_at is not None \
-                    and p.phase not in ACTIVE and p.received > rollout_requested:
+            ours = p is not None and p.candidate == candidate and p.started_at is not None \
+                and p.received > rollout_requested
+            if ours and not running:
+                running, deadline = True, max(deadline, time.time() + cfg.duration_s)
+            if ours and p.phase not in ACTIVE:
                 outcome = p.phase
                 break
             await asyncio.sleep(0.02)
