@@ -6,6 +6,7 @@ import asyncio
 import re
 import shlex
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -101,30 +102,35 @@ def test_rollout_start_bundle_overrides_the_spec(core, capsys, tmp_path):
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _quick_start_block() -> str:
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    return next(b for b in blocks if "slotserve rollout start" in b)
+
+
 def _quick_start_commands() -> list[list[str]]:
     """The `slotserve ...` lines of the README quick start's second block, in order."""
-    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
-    block = next(b for b in blocks if "slotserve rollout start" in b)
-    return [shlex.split(line, comments=True)[1:] for line in block.splitlines()
+    return [shlex.split(line, comments=True)[1:] for line in _quick_start_block().splitlines()
             if line.startswith("slotserve ")]
 
 
 @pytest.fixture()
-def served(tmp_path, monkeypatch):
+def real_served(tmp_path, monkeypatch):
     """The real app, replica and controller in this process (no Ray) on a store holding
-    only demo:1, as right after `slotserve serve`; the CLI's HTTP calls go to it."""
+    only the real demo as demo:1, as right after `slotserve serve`; the CLI's HTTP calls
+    go to it."""
     import httpx
 
     from slotserve.api.auth import digest
     from slotserve.api.routes import create_app
-    from slotserve.bundles.demo import publish_demo
+    from slotserve.bundles.demo import REAL_DEMO_UNAVAILABLE, publish_real_demo
     from slotserve.bundles.store import Store
     from slotserve.control.controller import SlotController
     from slotserve.replica import LocalController, Replica, Settings
 
     monkeypatch.setenv("SLOTSERVE_HOME", str(tmp_path))
     monkeypatch.setenv("SLOTSERVE_ADMIN_TOKEN", "qs-token")
-    publish_demo(Store(tmp_path), "demo", seed=0)
+    if publish_real_demo(Store(tmp_path), "demo") is None:
+        pytest.skip(REAL_DEMO_UNAVAILABLE)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -157,17 +163,37 @@ def served(tmp_path, monkeypatch):
         thread.join(10)
 
 
-def test_readme_quick_start_works_as_written(served, tmp_path, capsys, monkeypatch):
+def test_readme_quick_start_works_as_written(real_served, tmp_path, capsys, monkeypatch):
+    """The README quick start's admin commands, in order, on the real demo model: a prompt-only
+    demo:2 that costs no weight bytes, promote, rollback, and a canary of demo:2 whose eval
+    gate passes. The traffic loop and the drills run their own servers elsewhere
+    (tests/test_first_contact.py, tests/test_drill.py)."""
     monkeypatch.chdir(REPO)  # the README's paths (examples/...) are relative to the checkout
+    block = _quick_start_block()
+    echo = re.search(r'^echo "(.*)" > (\S+)$', block, re.M)
+    assert echo, "the quick start writes the new system prompt with echo"
+    prompt = tmp_path / "concise.txt"
+    prompt.write_text(echo.group(1) + "\n")
     commands = _quick_start_commands()
-    assert [c[0] for c in commands] == ["demo-bundle", "load", "rollout", "rollback", "state", "ledger",
-                                        "rollout", "rollout", "drill"]
+    assert [c[0] for c in commands] == ["bundle", "load", "state", "rollout", "rollback", "ledger",
+                                        "rollout", "rollout", "rollout", "drill", "drill"]
     for argv in commands:
-        if argv[0] == "drill":  # runs its own server: tests/test_drill.py
+        if argv[0] == "drill":
             continue
-        if argv[0] == "demo-bundle":
-            argv = [str(tmp_path / "demo2") if a == "/tmp/demo2" else a for a in argv]
+        argv = [str(prompt) if a == echo.group(2) else a for a in argv]
         assert main(argv) == 0, (argv, capsys.readouterr().err)
+        if argv[:2] == ["rollout", "start"]:
+            break
     out = capsys.readouterr().out
     assert "published demo:2" in out and "rollout started" in out
-    assert "canary rollout of demo:2 (live demo:1): running, step 1/3" in out
+    assert re.search(r"candidate demo:2 on \w+: weights 0 MB", out), out   # prompt-only: shares live's weights
+    assert "rolled back: live=demo:1, previous=demo:2" in out
+    deadline = time.time() + 240                                          # the eval gate: 24 questions x 2
+    while time.time() < deadline:
+        assert main(["rollout", "status"]) == 0
+        status = capsys.readouterr().out
+        if "pending_eval" not in status:
+            break
+        time.sleep(2)
+    assert "canary rollout of demo:2 (live demo:1): running, step 1/3" in status, status
+    assert "eval gate passed: eval_score 1 vs live 1" in status, status
