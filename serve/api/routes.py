@@ -333,7 +333,9 @@ class ServiceRoutes:
         return JSONResponse(body.model_dump(mode="json"))
 
     async def metrics(self):
-        return Response(await self.replica.metrics_text(), media_type=METRICS_CONTENT_TYPE)
+        # the header says which replica rendered the scrape (Serve's proxy picks one)
+        return Response(await self.replica.metrics_text(), media_type=METRICS_CONTENT_TYPE,
+                        headers={"x-slotserve-replica": self.replica.id})
 
     def _view(self, model: str) -> BundleView:
         """The bundle `model` names, as chat completions resolve it; the logical name is
