@@ -8,7 +8,8 @@ A `Replica` owns a SlotManager, its `Outbox` (what the controller hears next), i
   so live keeps serving while a candidate loads);
 * report: sends the applied version, the slots, and the queued events (request
   outcomes for the controller's rollout windows, feedback, shadow diffs, OOM events)
-  every `report_interval_s`.
+  every `report_interval_s`, and a snapshot of its Prometheus metrics
+  (slotserve.metrics) at most every `PUSH_S`, so a scrape on any replica shows this one.
 
 `apply(d)` makes the slots match `d` and routes requests by its weights: O(1) swaps
 first (promote, rollback), then releases, then loads. While a load runs, the watch loop
