@@ -16,7 +16,6 @@ from ray import serve
 
 from slotserve.api.routes import create_app
 from slotserve.control.controller import get_or_create
-from slotserve.metrics import Metrics
 from slotserve.replica import RayController, Replica, Settings
 
 
@@ -42,7 +41,7 @@ class SlotServe:
         s = Settings.from_dict(settings)
         rid = _replica_id()
         handle = get_or_create(s.store, s.app, s.bundle)
-        self.replica = Replica(s, RayController(handle), replica_id=rid, metrics=Metrics(rid))
+        self.replica = Replica(s, RayController(handle), replica_id=rid)
         await self.replica.start()
 
     def __serve_build_asgi_app__(self):

@@ -68,6 +68,20 @@ def test_two_node_cluster(tmp_path, monkeypatch):
             c = httpx.post(url + "/v1/chat/completions", timeout=60, json={
                 "model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
             assert c.status_code == 200 and c.headers["x-slotserve-bundle"] == "demo:1"
+        # One scrape of the API port shows the replicas of both nodes: each swapped once to
+        # promote and once to roll back (their snapshots travel through the controller).
+        from prometheus_client.parser import text_string_to_metric_families
+        want = {(r["id"], a): 1.0 for r in st["replicas"] for a in ("promote", "rollback")}
+        t0 = time.time()
+        while True:
+            text = httpx.get(url + "/metrics", timeout=30).text
+            swaps = {(s.labels["replica"], s.labels["action"]): s.value
+                     for f in text_string_to_metric_families(text) for s in f.samples
+                     if s.name == "slotserve_slot_swaps_total"}
+            if swaps == want:
+                break
+            assert time.time() - t0 < 30, (swaps, want)
+            time.sleep(0.3)
     finally:
         try:
             serve.shutdown()

@@ -9,7 +9,7 @@ context) are checked by the handler once it knows which bundle answers.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
@@ -234,3 +234,25 @@ class ReasonRequest(ApiModel):
 
 # The rollout spec (POST /admin/rollout) is validated by slotserve.rollout.spec.RolloutSpec,
 # which names every invalid field; the HTTP edge only checks that it is a JSON object.
+
+
+# ---------------------------------------------------------------- tokenizer endpoints (vLLM's shapes)
+
+class TokenizeRequest(ApiModel):
+    """POST /tokenize: `prompt` (a string, tokenized as /v1/completions does) or `messages`
+    (rendered with the bundle's chat template, as /v1/chat/completions does); exactly one."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1)
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_generation_prompt: bool = True      # messages only
+    add_special_tokens: bool | None = None  # prompt only (default true, as completions tokenize)
+
+
+class DetokenizeRequest(ApiModel):
+    """POST /detokenize: token ids back to text with the bundle's tokenizer."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1)
+    tokens: list[Annotated[int, Field(strict=True, ge=0)]]

@@ -107,3 +107,23 @@ class ModelList(ApiModel):
 
 def now() -> int:
     return int(time.time())
+
+
+# ---------------------------------------------------------------- small endpoints (vLLM's shapes)
+
+class TokenizeResponse(ApiModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int        # the answering bundle's context: compare `count` with it
+    model: str                # extension: the bundle (name:version) whose tokenizer answered
+
+
+class DetokenizeResponse(ApiModel):
+    prompt: str
+    model: str                # extension, as in TokenizeResponse
+
+
+class VersionResponse(ApiModel):
+    version: str              # slotserve's version
+    live: str | None = None   # extension: the live bundle on the replica answering (name:version)
+    digest: str | None = None # ... and its digest

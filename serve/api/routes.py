@@ -16,18 +16,22 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from slotserve import SLOT_NAMES
+from slotserve import SLOT_NAMES, __version__
 from slotserve.api.auth import TokenCheck
 from slotserve.api.errors import APIError, describe_validation_error
 from slotserve.api.handler import Handler
 from slotserve.api.requests import ChatCompletionRequest, CompletionRequest, FeedbackRequest, LoadRequest, ReasonRequest
+from slotserve.api.requests import DetokenizeRequest, TokenizeRequest
 from slotserve.api.response_ids import ResponseIds
 from slotserve.api.responses import ModelCard, ModelList, now
-from slotserve.replica import Replica
+from slotserve.api.responses import DetokenizeResponse, TokenizeResponse, VersionResponse
+from slotserve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from slotserve.replica import BundleView, Replica
+from slotserve.replica.bundle_view import PromptError
 
 log = logging.getLogger("slotserve.app")
 MAX_BODY_BYTES = 8 << 20
@@ -91,6 +95,7 @@ def create_app(replica: Replica) -> FastAPI:
         app.add_exception_handler(exc, answer)
     OpenAIRoutes(replica, handler).install(app)
     AdminRoutes(replica, check).install(app)
+    ServiceRoutes(replica, handler).install(app)
     return app
 
 
@@ -297,3 +302,79 @@ class AdminRoutes:
         if not 1 <= limit <= 10_000:
             raise APIError(400, "limit must be between 1 and 10000", param="limit")
         return JSONResponse({"entries": await self.replica.controller.call("ledger", limit, bundle)})
+
+
+# ---------------------------------------------------------------- liveness, version, tokenizer, metrics
+
+class ServiceRoutes:
+    """GET /health (liveness), /version, /metrics (Prometheus, the whole app); POST
+    /tokenize and /detokenize, shaped as vLLM's. None needs the admin token (as in vLLM):
+    they change nothing and show no more than /v1/models does."""
+
+    def __init__(self, replica: Replica, handler: Handler):
+        self.replica, self.handler = replica, handler
+
+    def install(self, app: FastAPI) -> None:
+        app.add_api_route("/health", self.health, methods=["GET"])
+        app.add_api_route("/version", self.version, methods=["GET"])
+        app.add_api_route("/metrics", self.metrics, methods=["GET"])
+        app.add_api_route("/tokenize", self.tokenize, methods=["POST"])
+        app.add_api_route("/detokenize", self.detokenize, methods=["POST"])
+
+    async def health(self):
+        """Liveness: the process answers. Touches no model, no controller, no lock, so a
+        replica busy loading a bundle is alive (readiness is /healthz)."""
+        return JSONResponse({"status": "ok", "replica": self.replica.id})
+
+    async def version(self):
+        live = self.handler.backend.views().get("live")
+        body = VersionResponse(version=__version__, live=live.ref if live else None,
+                               digest=live.digest if live else None)
+        return JSONResponse(body.model_dump(mode="json"))
+
+    async def metrics(self):
+        # the header says which replica rendered the scrape (Serve's proxy picks one)
+        return Response(await self.replica.metrics_text(), media_type=METRICS_CONTENT_TYPE,
+                        headers={"x-slotserve-replica": self.replica.id})
+
+    def _view(self, model: str) -> BundleView:
+        """The bundle `model` names, as chat completions resolve it; the logical name is
+        live's (a tokenizer answer must not depend on the rollout's dice)."""
+        slot, pinned = self.handler.resolve(model, None)
+        views = self.handler.backend.views()
+        view = views.get(slot if pinned else "live")
+        if view is None:
+            raise APIError(503, "no bundle is loaded yet", code="not_ready", headers={"Retry-After": "2"})
+        return view
+
+    async def tokenize(self, request: Request):
+        req = _parse(TokenizeRequest, await _json_body(request))
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "send exactly one of prompt (a string) or messages (chat messages)",
+                           param="prompt" if req.prompt is None else "messages")
+        view = self._view(req.model)
+        if req.messages is not None:
+            if req.add_special_tokens:
+                raise APIError(400, "add_special_tokens applies to prompt only; messages are rendered with "
+                                    "the chat template, which places special tokens itself",
+                               param="add_special_tokens")
+            try:
+                ids = view.render_chat([{"role": m.role, "content": m.text()} for m in req.messages],
+                                       add_generation_prompt=req.add_generation_prompt)
+            except PromptError as exc:
+                raise APIError(400, str(exc), param=exc.param) from None
+        else:
+            add_special = True if req.add_special_tokens is None else req.add_special_tokens
+            ids = list(view.tokenizer(req.prompt, add_special_tokens=add_special)["input_ids"])
+        body = TokenizeResponse(tokens=ids, count=len(ids), max_model_len=view.max_model_len, model=view.ref)
+        return JSONResponse(body.model_dump(mode="json"), headers=view.headers())
+
+    async def detokenize(self, request: Request):
+        req = _parse(DetokenizeRequest, await _json_body(request))
+        view = self._view(req.model)
+        vocab = len(view.tokenizer)
+        if bad := [t for t in req.tokens if t >= vocab]:
+            raise APIError(400, f"token ids must be below {view.ref}'s vocabulary size {vocab}; got {bad[:5]}",
+                           param="tokens")
+        body = DetokenizeResponse(prompt=view.tokenizer.decode(req.tokens), model=view.ref)
+        return JSONResponse(body.model_dump(mode="json"), headers=view.headers())

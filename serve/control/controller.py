@@ -44,8 +44,10 @@ class SlotController:
                                    post=lambda url, body: self._webhooks.append((url, body)),
                                    defer_writes=True)
         self.core.flush()  # what the restore wrote
-        from slotserve.metrics import Metrics
-        self.core.on_rollback = Metrics("controller").rollback
+        from slotserve.metrics import ControllerMetrics
+        self.app_metrics = ControllerMetrics(self.core.rollout_status)
+        self.core.on_rollback = self.app_metrics.rollback
+        self._snapshots: dict[str, list] = {}   # replica id -> its latest metric families
         self._changed: asyncio.Event | None = None
         # ref -> (state version that released it, the error): concurrent waiters on one
         # failed load all answer load_failed, not "superseded" by the release it caused
@@ -109,14 +111,28 @@ class SlotController:
                 pass
         return self.core.state.to_dict()
 
-    async def report(self, replica_id: str, status: dict, events: list | None = None) -> int:
+    async def report(self, replica_id: str, status: dict, events: list | None = None,
+                     metrics: list | None = None) -> int:
+        """A replica's status and queued events; `metrics`, its registry's families
+        (slotserve.metrics), when it sends a new snapshot."""
         self._ensure_loop()
         self.core.report(replica_id, status, events)
+        if metrics is not None:
+            self._snapshots[replica_id] = metrics
         self._notify()
         return self.core.state.version
 
     async def forget(self, replica_id: str) -> None:
         self.core.forget(replica_id)
+        self._snapshots.pop(replica_id, None)
+
+    async def metrics(self) -> dict:
+        """For a scrape of /metrics on any replica: the latest families of every replica
+        still reporting, and the app's own (rollbacks, the rollout and its guards)."""
+        alive = {r.id for r in self.core.replicas.active()}
+        for rid in set(self._snapshots) - alive:
+            del self._snapshots[rid]
+        return {"replicas": dict(self._snapshots), "app": self.app_metrics.families()}
 
     async def state(self) -> dict:
         self._ensure_loop()

@@ -65,7 +65,7 @@ class BundleView:
                    system_prompt=_read(path / "prompt" / "system.txt"),
                    sampling=dict(serving.get("sampling") or {}), eos_ids=eos_ids, path=str(path))
 
-    def render_chat(self, messages: list[dict]) -> list[int]:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         msgs = [{"role": "system" if m["role"] == "developer" else m["role"],
                  "content": m["content"]} for m in messages]
         if self.system_prompt:
@@ -77,7 +77,7 @@ class BundleView:
         try:
             text = self.tokenizer.apply_chat_template(
                 msgs, chat_template=self.chat_template or FALLBACK_TEMPLATE,
-                tokenize=False, add_generation_prompt=True)
+                tokenize=False, add_generation_prompt=add_generation_prompt)
         except Exception as exc:  # jinja raise_exception(...) e.g. roles must alternate
             raise PromptError(f"messages do not fit {self.ref}'s chat template: {exc}", "messages") from None
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])

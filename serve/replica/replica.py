@@ -8,7 +8,8 @@ A `Replica` owns a SlotManager, its `Outbox` (what the controller hears next), i
   so live keeps serving while a candidate loads);
 * report: sends the applied version, the slots, and the queued events (request
   outcomes for the controller's rollout windows, feedback, shadow diffs, OOM events)
-  every `report_interval_s`.
+  every `report_interval_s`, and a snapshot of its Prometheus metrics
+  (slotserve.metrics) at most every `PUSH_S`, so a scrape on any replica shows this one.
 
 `apply(d)` makes the slots match `d` and routes requests by its weights: O(1) swaps
 first (promote, rollback), then releases, then loads. While a load runs, the watch loop
@@ -39,6 +40,7 @@ import uuid
 
 from slotserve import SLOT_NAMES
 from slotserve.control.state import HEARTBEAT_S, DesiredState, jsonable
+from slotserve.metrics import ReplicaMetrics, read_slots, render
 from slotserve.replica.backend import Routing, SlotsBackend
 from slotserve.replica.eval_gate import EvalGate
 from slotserve.replica.outbox import Outbox
@@ -48,6 +50,8 @@ from slotserve.rollout.safety import SafetyFilter
 from slotserve.slots import LoadAborted
 
 log = logging.getLogger("slotserve.replica")
+
+METRICS_WAIT_S = 2.0   # a scrape waits this long for the other replicas' snapshots
 
 
 class Replica:
@@ -59,9 +63,10 @@ class Replica:
         self.controller = controller
         self.id = replica_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.node = _node_id()
-        self.metrics = metrics
-        self.outbox = Outbox(metrics, wake=self._poke)
+        self.metrics = metrics if metrics is not None else ReplicaMetrics(self.id)
+        self.outbox = Outbox(self.metrics, wake=self._poke)
         self.mgr = mgr if mgr is not None else make_manager(settings)
+        self.metrics.watch(lambda: read_slots(self.mgr, self.desired.weights if self.desired else {}))
         self.mgr.on_oom = self.outbox.oom
         self.backend = SlotsBackend(self.mgr)
         self.eval_gate = EvalGate(self.backend, controller)
@@ -143,23 +148,31 @@ class Replica:
     async def report(self) -> None:
         events = self.outbox.take()
         status = self.status()
-        # every report refreshes the slot gauges from the state it sends: so they exist
-        # before the first state change and follow tier moves
-        self.refresh_gauges(status["slots"])
+        # the metrics snapshot rides along at most every PUSH_S: what a scrape on
+        # another replica shows of this one (slotserve.metrics)
+        snapshot = self.metrics.snapshot_due()
         try:
-            await self.controller.call("report", self.id, status, events)
+            await self.controller.call("report", self.id, status, events,
+                                       **({"metrics": snapshot} if snapshot is not None else {}))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.warning("report failed: %s", exc)
             self.outbox.put_back(events)
 
-    def refresh_gauges(self, slot_state: dict) -> None:
-        if self.metrics is not None and self.desired is not None:
-            try:
-                self.metrics.slots(slot_state, self.backend.views(), self.desired.weights)
-            except Exception as exc:   # metrics must never break serving
-                log.debug("slot gauges not updated: %s", exc)
+    async def metrics_text(self) -> bytes:
+        """The app's Prometheus text (slotserve.metrics.render): this replica's families
+        read now, the other replicas' latest snapshots and the app's families through the
+        controller; this replica's alone if the controller does not answer in time."""
+        own = self.metrics.families()
+        try:
+            got = await asyncio.wait_for(self.controller.call("metrics"), METRICS_WAIT_S)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("metrics of the other replicas not fetched: %s", exc)
+            got = {}
+        return render(own, self.id, got.get("replicas"), got.get("app", ()))
 
     def _rollout_active(self) -> bool:
         return bool(self.desired and self.desired.rollout_phase in ACTIVE)
@@ -211,9 +224,11 @@ class Replica:
                 return
             if want_live == cur.get("candidate"):
                 self.mgr.promote()                       # O(1), never waits for memory
+                self.metrics.swap("promote")
             elif want_live == cur.get("previous"):
                 # swap inline, copy-back in a thread
                 await self.mgr.rollback_async(d.reason or "rollback")
+                self.metrics.swap("rollback")
 
     def _routes(self, d: DesiredState) -> bool:
         """Live and previous are those of `d` (so requests are routed as `d` says)."""
@@ -257,7 +272,7 @@ class Replica:
             self.outbox.safety = SafetyFilter.from_config(d.safety)
         self.backend.prune()
         self._wake.set()
-        await self.report()   # (refreshes the slot gauges too)
+        await self.report()
 
     def _route(self, d: DesiredState) -> None:
         self.routing = Routing(
@@ -285,6 +300,7 @@ class Replica:
             await self._load(d.live, "candidate", d)
             async with self._swap_lock:
                 mgr.promote()
+                self.metrics.swap("promote")
         # Release what is no longer wanted (candidate first: it is what a revert drops).
         # Under the swap lock, reading the slots again: the watch loop may have swapped
         # them while we loaded, and a slot a rollback is bringing back must stay.
