@@ -223,7 +223,8 @@ def test_gpu_check_fits_one_ten_minute_command():
     assert budget <= 600 - 30
     # every part runs through run_part, i.e. under `timeout`, inside the budget
     parts = re.findall(r"^\s+run_part ([\w-]+) (\d+) ", GPU_CHECK, re.MULTILINE)
-    assert [p for p, _ in parts] == ["kernels", "tests-kernels", "tests-gpu", "engine"]
+    assert [p for p, _ in parts] == ["kernels", "tests-kernels", "tests-gpu", "engine", "profile"]
+    assert "|| parts=(kernels tests engine)" in GPU_CHECK  # the profile runs only when named
     assert "timeout --signal=INT" in GPU_CHECK and "deadline - SECONDS" in GPU_CHECK
     # the venv's console scripts or its interpreter with -P: never the repository root on sys.path
     assert not re.search(r"python3? -m pytest", GPU_CHECK)
