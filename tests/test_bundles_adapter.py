@@ -116,3 +116,18 @@ def test_bad_adapters_are_refused_with_the_reason(base):
     _refused(store, good, "is itself an adapter version", base="ok-bot:1")
     r = cli("bundle", "publish", tmp / "r", "--name", "bad-bot", "--base", "llama-base:1", store=store.root)
     assert r.returncode == 1 and r.stderr.startswith("slotserve: error: ") and "Traceback" not in r.stderr
+
+
+def test_planner_counts_an_adapter_version_as_its_adapter_bytes_when_the_base_is_resident(base):
+    from slotserve.slots.planner import estimate
+
+    store, bm, model, tmp = base
+    ad = build_demo_adapter(model, tmp / "plan", seed=9, rank=4, targets=("q_proj", "v_proj"))
+    m = store.publish(ad, "plan-bot", base="llama-base:1")
+    opened = store.open(m.ref)
+    lora_numel = sum(t.numel() for t in load_file(ad / "adapter_model.safetensors").values())
+    resident = estimate(opened, device="cpu", shared=lambda file, tensor: True)   # base weights in the pool
+    assert resident.weight_bytes == lora_numel * 4                                # fp32 on the CPU
+    cold = estimate(opened, device="cpu")
+    base_only = estimate(store.open("llama-base:1"), device="cpu")
+    assert cold.weight_bytes == base_only.weight_bytes + lora_numel * 4
