@@ -66,7 +66,7 @@ class EngineAdapters:
         old_names = list(self.by_name)
         old = model.lora
         model.lora = LoraTable(list(new.values()), model.cfg, model.device, model.dtype,
-                               rows=old.rows if old is not None else None) if new else None
+                               rows=old.rows if old is not None else None, max_batch=self.max_batch) if new else None
         self.by_name = dict(new)
         names = list(new)
         for s in seqs:

@@ -25,6 +25,7 @@ from slotserve import kernels as K
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
           "down": ("down_proj",)}
 _PREFIX = "base_model.model.model.layers."
+ROWS = 1024   # static per-row index buffer: covers every decode graph size (max_batch <= 1024)
 
 
 def module_dims(cfg) -> dict[str, tuple[int, int]]:
@@ -87,7 +88,8 @@ class Adapter:
 class LoraTable:
     """The adapters one engine serves, stacked for `K.lora`, and the per-row index buffer."""
 
-    def __init__(self, adapters: list[Adapter], cfg, device, dtype, rows: torch.Tensor | None = None):
+    def __init__(self, adapters: list[Adapter], cfg, device, dtype, rows: torch.Tensor | None = None,
+                 max_batch: int = 0):
         self.adapters = list(adapters)
         self.names = [a.name for a in adapters]
         n = len(adapters)
@@ -114,8 +116,8 @@ class LoraTable:
                     off += fan_out
             self.layers.append(groups)
         # kept across rebuilds (the same storage): captured CUDA graphs read it on replay
-        self.rows = rows if rows is not None else torch.full((1024,), -1, dtype=torch.int32, device=device)
-        self.num_rows = 0
+        self.rows = rows if rows is not None else torch.full((max(ROWS, max_batch),), -1, dtype=torch.int32, device=device)
+        self._step_rows = self.rows   # this step's indices: `rows`, or a larger one-off for a big prefill
 
     @property
     def nbytes(self) -> int:
@@ -128,18 +130,19 @@ class LoraTable:
     def set_rows(self, per_token: list[int], pad_to: int | None = None) -> None:
         """The adapter slot of each token of the step (-1: base), padded with -1 to `pad_to`."""
         t = max(len(per_token), pad_to or 0)
-        if t > self.rows.shape[0]:  # a bigger prefill than any before (never inside a graph: decode is small)
-            self.rows = torch.full((max(t, 2 * self.rows.shape[0]),), -1, dtype=torch.int32, device=self.rows.device)
         host = torch.tensor(per_token + [-1] * (t - len(per_token)), dtype=torch.int32)
-        self.rows[:t].copy_(host, non_blocking=False)
-        self.num_rows = t
+        if t > self.rows.shape[0]:   # a prefill step larger than the static buffer (never a graph replay:
+            self._step_rows = host.to(self.rows.device)   # decode graphs hold at most max_batch rows)
+        else:
+            self.rows[:t].copy_(host)
+            self._step_rows = self.rows
 
     def apply(self, layer: int, group: str, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """y[T, out] += each row's adapter delta of projection `group` on input x[T, in]; in place."""
         mods = self.layers[layer].get(group)
         if not mods:
             return y
-        rows = self.rows[:y.shape[0]]
+        rows = self._step_rows[:y.shape[0]]
         x = x.contiguous()
         for A, B, off in mods:
             K.lora(y, x, A, B, self.scaling, rows, off)
