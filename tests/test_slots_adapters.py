@@ -81,3 +81,21 @@ def test_adapter_versions_share_one_base_engine(store):
         assert engine.closed                               # the last slot closed the engine
     finally:
         mgr.close()
+
+
+def test_a_drill_adapter_version_never_shares_live_engine(store, tmp_path):
+    """Faults hook a whole engine: an adapter version declaring them gets an engine of its
+    own, so live never sees them; so does one whose engine settings differ."""
+    ad = build_demo_adapter(store.path_of("base", 1) / "model", tmp_path / "ad", seed=3, std=0.3)
+    faulty = store.publish(ad, "bot", base="base:1", serving={"faults": {"nan_logits": True}})
+    bigger = store.publish(ad, "bot", base="base:1", serving={"max_batch": 4})
+    mgr = SlotManager(store, memory_budget_bytes=1 << 30)
+    try:
+        live = mgr.load("bot:1", "live")
+        for m in (faulty, bigger):
+            cand = mgr.load(m.ref)
+            assert cand.engine is not live.engine and mgr.state()["candidate"].kv_bytes > 0
+            mgr.release("candidate")
+        assert asyncio.run(both(mgr, ["live"], PROMPTS)) == alone(store, "bot:1", PROMPTS)
+    finally:
+        mgr.close()
