@@ -68,6 +68,7 @@ def _summary(store, m: Manifest) -> dict[str, Any]:
     return {"ref": m.ref, "name": m.name, "version": m.version, "digest": m.digest,
             "created_at": m.created_at, "created_by": m.created_by, "architecture": m.model.architecture,
             "files": len(m.files), "bytes": m.total_bytes, "has_faults": m.has_faults,
+            "base": m.adapter.base if m.adapter else None,
             "aliases": store.aliases_of(m.name, m.version), "path": str(store.path_of(m.name, m.version))}
 
 
@@ -75,7 +76,11 @@ def _summary(store, m: Manifest) -> dict[str, Any]:
 def cmd_publish(args: argparse.Namespace) -> int:
     store = _store(args, create=True)
     src_dir, source, parent, index = args.dir, args.source, args.parent, args.retrieval_index
-    if hub.is_hub(src_dir):   # fetch what serving needs; provenance pinned to the resolved commit
+    if args.base is not None:  # src_dir is a LoRA adapter directory; the base supplies the rest
+        if not Path(src_dir).is_dir():
+            raise BundleError(f"{src_dir} is not a directory; with --base, publish a PEFT adapter directory "
+                              "(adapter_config.json + adapter_model.safetensors)")
+    elif hub.is_hub(src_dir):   # fetch what serving needs; provenance pinned to the resolved commit
         snap = hub.fetch(src_dir)
         src_dir, source = snap.path, source or snap.source
     elif not Path(src_dir).exists():
@@ -91,7 +96,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         src_dir, args.name, actor=args.actor, prompt_template=args.prompt_template,
         retrieval_index=index, serving=args.serving, eval_file=args.eval, reason=args.reason,
         system_prompt=args.system_prompt, version=args.version, source=source,
-        code_commit=args.code_commit, data_version=args.data_version, parent=parent)
+        code_commit=args.code_commit, data_version=args.data_version, parent=parent, base=args.base)
     m = res.manifest
     verb = "published" if res.created else "unchanged (identical content already published as)"
     _emit(args, {"created": res.created, **_summary(store, m), "manifest": m.to_dict()},
@@ -119,10 +124,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     faults = serving.get("faults")
     data = {**_summary(store, m), "manifest": m.to_dict(), "serving": serving, "faults": faults}
     src = m.model.source
+    ad = m.adapter
     lines = [
         f"bundle      {m.ref}", f"digest      {m.digest}", f"path        {path}",
         f"created     {m.created_at} by {m.created_by}",
         f"model       {m.model.architecture} ({m.model.model_type}) from {src}",
+        f"adapter     " + (f"LoRA r={ad.rank} alpha={ad.alpha:g} on {', '.join(ad.target_modules)}, base "
+                             f"{ad.base_ref} {ad.base}" if ad else "-"),
         f"retrieval   {m.retrieval_index or '-'}",
         f"lineage     code {m.lineage.code_commit or '-'}, data {m.lineage.data_version or '-'}, "
         f"parent {m.lineage.parent or '-'}",
@@ -240,6 +248,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--code-commit", help="commit of the code that produced the weights (default: git HEAD of DIR)")
     p.add_argument("--data-version", help="version of the data the weights were trained on")
     p.add_argument("--parent", metavar="REF", help="bundle this one derives from (default: the latest of NAME)")
+    p.add_argument("--base", metavar="REF", help="DIR is a PEFT LoRA adapter (adapter_config.json + "
+                   "adapter_model.safetensors) for this base bundle; tokenizer, prompt, serving config, eval set "
+                   "and retrieval index come from the base unless given")
     p.add_argument("--actor", help="who publishes (default $SLOTSERVE_ACTOR or the OS user)")
     p.add_argument("--reason", default="", help="why, for the ledger")
     p.set_defaults(func=_guard(cmd_publish))

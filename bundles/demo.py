@@ -212,3 +212,34 @@ def publish_demo(store, name: str = "demo", arch: str = "llama", seed: int = 0, 
         build_demo_model(arch, seed, tmp)
         return store.publish(tmp, name, actor=actor, reason=reason, source=demo_source(arch, seed),
                              data_version=f"demo:{arch}:seed={seed}")
+
+
+def build_demo_adapter(model_dir: str | Path, out: str | Path, seed: int = 0, rank: int = 4, alpha: float = 8.0,
+                       targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                   "up_proj", "down_proj"), std: float = 0.05) -> Path:
+    """A random PEFT LoRA adapter (what `PeftModel.save_pretrained` writes) for the model in
+    `model_dir`: lora_A and lora_B both random (a fresh PEFT adapter has B = 0, a no-op),
+    so the adapter changes the output. For tests and benchmarks; its text is noise too."""
+    import torch
+    from safetensors.torch import save_file
+
+    from slotserve.bundles.adapter import MLP_MODULES, module_shapes
+
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    shapes = module_shapes(config)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in range(int(config["num_hidden_layers"])):
+        for mod in targets:
+            fan_in, fan_out = shapes[mod]
+            key = f"base_model.model.model.layers.{i}.{'mlp' if mod in MLP_MODULES else 'self_attn'}.{mod}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) * std
+            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) * std
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(dict(sorted(tensors.items())), str(out / "adapter_model.safetensors"))
+    _write_json(out / "adapter_config.json", {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
+        "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+        "use_dora": False, "inference_mode": True, "base_model_name_or_path": None, "init_lora_weights": True})
+    return out

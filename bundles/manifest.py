@@ -99,6 +99,33 @@ class Lineage:
 
 
 @dataclass(frozen=True)
+class AdapterInfo:
+    """A LoRA adapter version: the base bundle it runs on (by digest; the ref is what the
+    publisher named, for people) and what the engine needs to apply it."""
+
+    base: str  # "sha256:<hex>" of the base bundle
+    base_ref: str  # e.g. "llama-base:3" at publish time
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    use_rslora: bool = False
+
+    @property
+    def scaling(self) -> float:
+        """PEFT's: alpha / r, or alpha / sqrt(r) for rsLoRA."""
+        return self.alpha / (self.rank ** 0.5 if self.use_rslora else self.rank)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"base": self.base, "base_ref": self.base_ref, "rank": self.rank, "alpha": self.alpha,
+                "target_modules": list(self.target_modules), "use_rslora": self.use_rslora}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "AdapterInfo":
+        return cls(str(d["base"]), str(d["base_ref"]), int(d["rank"]), float(d["alpha"]),
+                   tuple(str(t) for t in d["target_modules"]), bool(d.get("use_rslora", False)))
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str
     version: int
@@ -109,6 +136,7 @@ class Manifest:
     retrieval_index: RetrievalIndexRef | None = None
     lineage: Lineage = field(default_factory=Lineage)
     has_faults: bool = False  # serving.json declares `faults` (a drill bundle)
+    adapter: AdapterInfo | None = None  # a LoRA version of another bundle (files under adapter/)
     digest: str = ""  # "sha256:<hex>"; empty only while building
 
     def __post_init__(self):
@@ -123,7 +151,8 @@ class Manifest:
         return sum(e.size for e in self.files.values())
 
     def weight_files(self) -> dict[str, FileEntry]:
-        return {p: e for p, e in self.files.items() if p.startswith("model/") and p.endswith(".safetensors")}
+        return {p: e for p, e in self.files.items()
+                if p.startswith(("model/", "adapter/")) and p.endswith(".safetensors")}
 
     def to_dict(self, with_digest: bool = True) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -154,6 +183,8 @@ class Manifest:
             },
             "has_faults": self.has_faults,
         }
+        if self.adapter is not None:  # only then: every earlier bundle keeps its digest
+            d["adapter"] = self.adapter.to_dict()
         if with_digest:
             d["digest"] = self.digest
         return d
@@ -189,6 +220,7 @@ class Manifest:
                 retrieval_index=None if ri is None else RetrievalIndexRef(ri["id"], ri["version"], ri.get("digest")),
                 lineage=Lineage(lin.get("code_commit"), lin.get("data_version"), lin.get("parent")),
                 has_faults=bool(d.get("has_faults", False)),
+                adapter=None if d.get("adapter") is None else AdapterInfo.from_dict(d["adapter"]),
                 digest=d.get("digest", ""),
             )
         except BundleError:
@@ -227,8 +259,9 @@ def diff(a: Manifest, b: Manifest) -> dict[str, Any]:
     `weights_identical` is True when every safetensors file matches byte for byte."""
     fa, fb = a.files, b.files
     fields = {}
-    for key in ("name", "version", "created_at", "created_by", "model", "retrieval_index", "lineage", "has_faults"):
-        va, vb = a.to_dict()[key], b.to_dict()[key]
+    for key in ("name", "version", "created_at", "created_by", "model", "retrieval_index", "lineage", "has_faults",
+                "adapter"):
+        va, vb = a.to_dict().get(key), b.to_dict().get(key)
         if va != vb:
             fields[key] = [va, vb]
     return {

@@ -22,11 +22,12 @@ import shutil
 import signal
 import socket
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from slotserve.bundles.file_hash import CHUNK, cached_hash
+from slotserve.bundles.adapter import read_adapter
 from slotserve.bundles.manifest import (BundleError, FileEntry, Lineage, Manifest, ModelInfo, ModelSource,
                                         RetrievalIndexRef, check_name, digest_of)
 from slotserve.bundles.registry import BundleRecord, Txn, utc_now
@@ -89,21 +90,42 @@ class Publisher:
                 eval_file: str | Path | None = None, reason: str = "", *,
                 system_prompt: str | Path | None = None, version: int | None = None,
                 source: str | ModelSource | None = None, code_commit: str | None = None,
-                data_version: str | None = None, parent: str | None = None) -> Published:
+                data_version: str | None = None, parent: str | None = None,
+                base: str | None = None) -> Published:
         """Publish `src_dir` as `name`'s next version (or `version`, if above the latest);
         content already published under `name` is a no-op (`created` False). Lineage comes
-        from the arguments, else from the bundle `src_dir` was published as, else from git."""
+        from the arguments, else from the bundle `src_dir` was published as, else from git.
+
+        With `base` (a ref of a bundle in this store), `src_dir` is a PEFT LoRA adapter
+        directory: the version holds the base's files (the same blobs: no bytes copied)
+        with the options given here replacing their parts, plus adapter/, and its manifest
+        names the base by digest (bundles/adapter.py checks the adapter against it)."""
         check_name(name)
         actor = actor or default_actor()
         if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
             raise BundleError(f"invalid version {version!r}: a version is an integer >= 1")
         ri = RetrievalIndexRef.parse(retrieval_index) if isinstance(retrieval_index, str) else retrieval_index
-        src = read_source(Path(src_dir), prompt_template=prompt_template, system_prompt=system_prompt,
-                          serving=serving, eval_file=eval_file)
+        adapter = None
+        if base is not None:
+            base_rec = self._base(base)
+            base_path = self.store.path_of(base_rec.name, base_rec.version)
+            src = read_source(base_path, prompt_template=prompt_template, system_prompt=system_prompt,
+                              serving=serving, eval_file=eval_file)
+            adapter, adapter_files = read_adapter(Path(src_dir), src.config, base_rec.digest, base_rec.ref)
+            src = replace(src, files={**{k: v for k, v in src.files.items() if not k.startswith("adapter/")},
+                                      **adapter_files})
+            ri = ri or self.store.manifest_of(base_rec).retrieval_index  # inherited unless given
+        else:
+            src = read_source(Path(src_dir), prompt_template=prompt_template, system_prompt=system_prompt,
+                              serving=serving, eval_file=eval_file)
+            if src.origin is not None and src.origin.adapter is not None:
+                adapter = src.origin.adapter  # re-publishing an adapter version
         files = {rel: FileEntry(*src.hash(rel)) for rel in src.files}
         content_key = digest_of({"files": {p: e.to_dict() for p, e in sorted(files.items())},
-                                 "retrieval_index": None if ri is None else ri.__dict__})
-        origin = src.origin  # re-publishing a bundle: its weights keep their provenance
+                                 "retrieval_index": None if ri is None else ri.__dict__,
+                                 **({"adapter": adapter.to_dict()} if adapter is not None else {})})
+        # re-publishing a bundle: its weights keep their provenance (an adapter's is its own dir)
+        origin = src.origin if base is None else None
         if code_commit is None:
             code_commit = origin.lineage.code_commit if origin else _git_head(Path(src_dir))
         if data_version is None and origin:
@@ -155,7 +177,7 @@ class Publisher:
                              model=model, retrieval_index=ri,
                              lineage=Lineage(code_commit, data_version,
                                              parent_digest or (latest.digest if latest else None)),
-                             has_faults=src.has_faults).with_digest()
+                             has_faults=src.has_faults, adapter=adapter).with_digest()
                 self._write_manifest(staging, m)
                 _crash_point("before_rename")
                 self._recover(t)
@@ -175,6 +197,18 @@ class Publisher:
             for leftover in (staging, final):
                 if leftover is not None and leftover.exists():
                     _force_rmtree(leftover)
+
+    def _base(self, base: str):
+        """The registry row of an adapter's base: in this store, and not itself an adapter."""
+        try:
+            rec = self.store.resolve(base)
+        except BundleError as exc:
+            raise BundleError(f"base {base} is not in the store at {self.root} ({exc}); publish the base model "
+                              "first, then the adapter with --base NAME:VERSION") from None
+        if self.store.manifest_of(rec).adapter is not None:
+            raise BundleError(f"base {rec.ref} is itself an adapter version; an adapter's base must be a full "
+                              f"model bundle (its base is {self.store.manifest_of(rec).adapter.base_ref})")
+        return rec
 
     def _put_blob(self, src, rel: str, entry: FileEntry) -> Path:
         blob = self.root / "blobs" / "sha256" / entry.sha256

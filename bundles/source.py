@@ -124,6 +124,11 @@ def read_source(src: Path, *, prompt_template=None, system_prompt=None, serving=
     norm = normalize_serving(user_serving, config)
     files["serving.json"] = (json.dumps(norm, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
+    if bundle_layout:  # re-publishing an adapter version keeps its adapter (checked when it was published)
+        for n in ("adapter_config.json", "adapter_model.safetensors"):
+            if (src / "adapter" / n).is_file():
+                files[f"adapter/{n}"] = src / "adapter" / n
+
     ev = Path(eval_file) if eval_file is not None else src / "eval" / "eval.jsonl"
     if eval_file is not None or ev.is_file():
         _check_eval(ev)

@@ -219,6 +219,10 @@ def _slot_memory(info: dict) -> str:
     text = f"weights {_mb(own_weights)}, KV {_mb(info.get('kv_bytes'))}"
     if info.get("shared_bytes"):
         text += f" (+{_mb(info['shared_bytes'])} of weights shared with another slot)"
+    if info.get("adapter_of"):
+        text += f"; LoRA adapter of {info['adapter_of']}"
+    if info.get("engine_shared_with"):
+        text += f"; one base engine with {', '.join(info['engine_shared_with'])} (same batches, same KV pool)"
     return text
 
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from slotserve import kernels as K
+from slotserve.engine.adapters import EngineAdapters
 from slotserve.engine.cuda_graphs import DecodeGraphs, empty_cache, release_stream
 from slotserve.engine.kv_cache import BLOCK_SIZE, BlockAllocator, KVCache, blocks_for, num_blocks_for_budget
 from slotserve.engine.loader import load_engine
@@ -93,6 +94,8 @@ class Engine:
                                    spread_blocks=runner.path == "lean" and runner.device.type == "cpu",
                                    # the transformers fallback keeps its own cache per sequence
                                    prefix_caching=enable_prefix_caching and runner.path == "lean")
+        self.adapters = EngineAdapters(runner, max_batch, stream)   # LoRA adapters, by name
+        self.default_adapter: str | None = None   # what a request without `adapter` runs (an adapter bundle's)
         self._cond = threading.Condition()
         self._closed = False
         self._next_id = 0
@@ -125,8 +128,12 @@ class Engine:
                            model_impl=model_impl, enable_prefix_caching=enable_prefix_caching)
 
     # ------------------------------------------------------------------------------ requests
-    def submit(self, prompt_ids, params: SamplingParams | None = None) -> RequestHandle:
-        """Queue one request (thread-safe). Raises AdmissionError if it can never be served."""
+    def submit(self, prompt_ids, params: SamplingParams | None = None, adapter: str | None = None
+               ) -> RequestHandle:
+        """Queue one request (thread-safe). Raises AdmissionError if it can never be served.
+
+        adapter: the name of a loaded LoRA adapter to decode with, "" for the plain base
+        model, None for `default_adapter`."""
         params = params or SamplingParams()
         prompt = self._check(prompt_ids, params)
         stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
@@ -143,13 +150,18 @@ class Engine:
             seq = Sequence(seq_id=rid, prompt_len=len(prompt), token_ids=list(prompt), max_tokens=params.max_tokens,
                            stop_ids=frozenset(stop), seed=seed, handle=handle)
             handle._seq = seq
+            name = self.default_adapter if adapter is None else (adapter or None)
+            try:
+                self.adapters.bind(seq, name)
+            except ValueError as e:
+                raise AdmissionError(str(e)) from None
             self.scheduler.add(seq)
             self._counts["submitted"] += 1
             self._cond.notify_all()
         return handle
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
-                 ) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 adapter: str | list[str | None] | None = None) -> list[list[int]]:
         """Run a batch to completion -> output ids per prompt (stop tokens included).
 
         Every request is checked before any is queued; a request that fails raises its error.
@@ -160,7 +172,8 @@ class Engine:
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
         for p, sp in zip(prompts, plist):
             self._check(p, sp)
-        handles = [self.submit(p, sp) for p, sp in zip(prompts, plist)]
+        alist = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * len(prompts)
+        handles = [self.submit(p, sp, a) for p, sp, a in zip(prompts, plist, alist)]
         try:
             return [h.result() for h in handles]
         finally:
@@ -206,6 +219,25 @@ class Engine:
                 self._counts["finished"] += 1
                 self._counts["errors"] += 1
                 seq.handle._push(None, "error", error)
+
+    # ------------------------------------------------------------------------------ adapters
+    def add_adapter(self, name: str, adapter_dir) -> int:
+        """Load a PEFT LoRA adapter (checked against this model) under `name`; requests name it
+        in `submit(adapter=...)`. Swapped in between two steps. Returns its bytes on the device."""
+        with self._cond:
+            while self._in_step:
+                self._cond.wait()
+            seqs = list(self.scheduler.running) + list(self.scheduler.waiting)
+            return self.adapters.add(name, adapter_dir, seqs).nbytes
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop adapter `name` (refused while requests use it)."""
+        with self._cond:
+            while self._in_step:
+                self._cond.wait()
+            self.adapters.remove(name, list(self.scheduler.running) + list(self.scheduler.waiting))
+            if self.default_adapter == name:
+                self.default_adapter = None
 
     # ------------------------------------------------------------------------------ state
     def memory(self) -> EngineMemory:

@@ -61,12 +61,32 @@ def load_engine(cls, path, device="cpu", dtype=None, *, max_model_len=None, max_
                          f"got {enable_prefix_caching!r}")
     common = dict(eos_token_ids=eos, max_model_len=max_model_len, max_batch=max_batch, block_size=block_size,
                   model_dir=str(model_dir))
+    if lean is None and (path / "adapter" / "adapter_config.json").is_file():
+        raise ValueError(f"{path} is a LoRA adapter version; adapters run on the lean model only, and this "
+                         f"model needs the transformers fallback ({reason})")
     if lean is None:
         kv_tokens = kv_cache_tokens or serving.get("kv_cache_tokens")   # no pool here: no bytes rule
         return _transformers_engine(cls, model_dir, reason, device, dtype, kv_tokens, max_prefill_tokens, **common)
-    return _lean_engine(cls, lean, model_dir, file_sha, serving, device, dtype, kv_cache_tokens, tensor_pool,
-                        enforce_eager, max_prefill_tokens=max_prefill_tokens,
-                        enable_prefix_caching=enable_prefix_caching, **common)
+    eng = _lean_engine(cls, lean, model_dir, file_sha, serving, device, dtype, kv_cache_tokens, tensor_pool,
+                       enforce_eager, max_prefill_tokens=max_prefill_tokens,
+                       enable_prefix_caching=enable_prefix_caching, **common)
+    if (path / "adapter" / "adapter_config.json").is_file():   # an adapter version: base + its adapter
+        try:
+            name = _bundle_ref(path) or path.name
+            eng.add_adapter(name, path / "adapter")
+            eng.default_adapter = name
+        except BaseException:
+            eng.close()
+            raise
+    return eng
+
+
+def _bundle_ref(path: Path) -> str | None:
+    try:
+        m = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        return f"{m['name']}:{m['version']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _model_code(hf_cfg, model_impl: str, model_dir: Path):

@@ -37,14 +37,22 @@ def block_key(parent: bytes, tokens) -> bytes:
     return hashlib.sha256(parent + struct.pack(f"<{len(tokens)}q", *tokens)).digest()
 
 
-def prefix_keys(token_ids, block_size: int, num_blocks: int, known: list[bytes] | None = None) -> list[bytes]:
+def adapter_root(digest: str | None) -> bytes:
+    """The key chain's root for a sequence decoded with the LoRA adapter of content `digest`
+    (None: the base model): the same tokens under another adapter have other K/V."""
+    return _ROOT if digest is None else hashlib.sha256(_ROOT + digest.encode()).digest()
+
+
+def prefix_keys(token_ids, block_size: int, num_blocks: int, known: list[bytes] | None = None,
+                root: bytes | None = None) -> list[bytes]:
     """Keys of the first `num_blocks` full blocks of `token_ids`, extending `known` (the keys
-    computed so far for the same tokens; token ids only ever grow, so they stay valid)."""
+    computed so far for the same tokens; token ids only ever grow, so they stay valid);
+    `root` scopes them (`adapter_root`)."""
     keys = known if known is not None else []
     assert num_blocks * block_size <= len(token_ids)
     while len(keys) < num_blocks:
         i = len(keys)
-        keys.append(block_key(keys[-1] if keys else _ROOT, token_ids[i * block_size:(i + 1) * block_size]))
+        keys.append(block_key(keys[-1] if keys else (root or _ROOT), token_ids[i * block_size:(i + 1) * block_size]))
     return keys
 
 
@@ -61,7 +69,7 @@ class PrefixCache:
         limit = (len(seq) - 1) // self.block_size
         out: list[int] = []
         for i in range(limit):
-            key = prefix_keys(seq.token_ids, self.block_size, i + 1, seq.block_keys)[i]
+            key = prefix_keys(seq.token_ids, self.block_size, i + 1, seq.block_keys, seq.prefix_root)[i]
             block = self.alloc.lookup(key)
             if block is None:
                 break
@@ -81,7 +89,7 @@ class PrefixCache:
         full = seq.num_cached // self.block_size
         if full <= seq.num_registered:
             return
-        keys = prefix_keys(seq.token_ids, self.block_size, full, seq.block_keys)
+        keys = prefix_keys(seq.token_ids, self.block_size, full, seq.block_keys, seq.prefix_root)
         for i in range(seq.num_registered, full):
             self.alloc.register(seq.block_table[i], keys[i])
         seq.num_registered = full

@@ -40,7 +40,10 @@ class LeanRunner:
         """-> logits [R, V] fp32 of the sampling rows, in batch order."""
         dev = self.device
         nd = batch.num_decode
+        lora = self.model.lora
         if nd == len(batch.seqs) and self.graphs is not None and nd <= self.graphs.max_batch:
+            if lora is not None:   # the graph reads the rows buffer; padding rows run the base
+                lora.set_rows([s.adapter for s in batch.seqs[:nd]], pad_to=self.graphs.max_batch)
             return self.graphs.run(self, batch)
         ids, pos, slots, tables, lens = self.decode_inputs(batch) if nd else ([], [], [], [], [])
         seqs, rows = [], list(range(nd))
@@ -52,6 +55,10 @@ class LeanRunner:
             slots += self._slots(table, start, end)
             if samples:
                 rows.append(len(ids) - 1)
+        if lora is not None:   # decode rows, then each prefill chunk's rows: the sequence's adapter
+            lora.set_rows([s.adapter for s in batch.seqs[:nd]]
+                          + [s.adapter for s, a, b in zip(batch.seqs[nd:], batch.starts[nd:], batch.ends[nd:])
+                             for _ in range(b - a)])
         meta = StepMeta(nd, torch.tensor(slots, dtype=torch.int64, device=dev), seqs=seqs)
         if nd:
             meta.block_tables = torch.tensor(tables, dtype=torch.int32, device=dev)

@@ -58,6 +58,8 @@ class Sequence:
     block_keys: list[bytes] = field(default_factory=list)   # prefix-cache keys of full blocks, computed once
     num_registered: int = 0           # leading blocks of block_table already in the prefix cache (or refused)
     cached_prompt_tokens: int | None = None   # prompt tokens its first admission took from the prefix cache
+    adapter: int = -1                 # slot in the model's LoraTable (-1: the base model)
+    prefix_root: bytes | None = None  # prefix-cache key root: scoped to the adapter (prefix_cache.adapter_root)
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -185,6 +185,7 @@ class LeanModel:
         self.cos_sin = K.build_cos_sin_cache(max_positions, cfg.head_dim, dtype=torch.float32, device=device,
                                              inv_freq=rope_inv_freq(cfg))
         self.kv_layers: list[tuple[torch.Tensor, torch.Tensor]] = []   # set by the engine
+        self.lora = None   # models.lora.LoraTable while the engine holds adapters (rows index set per step)
 
     def weights(self) -> list[torch.Tensor]:
         out = [self.embed, self.norm, self.lm_head]
@@ -206,6 +207,7 @@ class LeanModel:
         """input_ids[T], positions[T] -> (hidden[T, H], residual[T, H]) before the final norm."""
         cfg = self.cfg
         t = input_ids.shape[0]
+        lora = self.lora   # rows of this step set by the runner (LoraTable.set_rows)
         h = F.embedding(input_ids, self.embed)
         # fp32 on the CPU: the kernels' references in fused forms, bit for bit the same
         if cpu_ops.applies(h):
@@ -220,6 +222,8 @@ class LeanModel:
             else:
                 x, residual = rms_norm(h, layer.in_norm, cfg.rms_norm_eps, residual)
             qkv = linear(x, layer.qkv, layer.qkv_bias)
+            if lora is not None:
+                lora.apply(i, "qkv", qkv, x)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = q.reshape(t, cfg.num_heads, cfg.head_dim)
             k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
@@ -235,9 +239,18 @@ class LeanModel:
             if nd < t:
                 o_pre = self._prefill_attention(q, k, v, k_cache, v_cache, meta)
                 o = o_pre if o is None else torch.cat([o, o_pre])
-            h = linear(o.reshape(t, self.q_size), layer.o, layer.o_bias)
+            o = o.reshape(t, self.q_size)
+            h = linear(o, layer.o, layer.o_bias)
+            if lora is not None:
+                lora.apply(i, "o", h, o)
             x, residual = rms_norm(h, layer.post_norm, cfg.rms_norm_eps, residual)
-            h = linear(K.silu_and_mul(linear(x, layer.gate_up, layer.gate_up_bias)), layer.down, layer.down_bias)
+            gu = linear(x, layer.gate_up, layer.gate_up_bias)
+            if lora is not None:
+                lora.apply(i, "gate_up", gu, x)
+            act = K.silu_and_mul(gu)
+            h = linear(act, layer.down, layer.down_bias)
+            if lora is not None:
+                lora.apply(i, "down", h, act)
         return h, residual
 
     def _decode_attention(self, q, k_cache, v_cache, meta: StepMeta) -> torch.Tensor:

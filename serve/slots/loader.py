@@ -88,6 +88,36 @@ class SlotLoader:
                     seq=next(self._seq), load_s=time.perf_counter() - started)
 
 
+    def join(self, bundle, name: str, host: Slot, ticket: "LoadTicket", resident: Callable[[], list[Slot]],
+             started: float) -> Slot:
+        """A slot for `bundle` on `host`'s engine (slotserve.slots.share.can_share said yes):
+        its adapter is added to that engine (between two steps), nothing else is built."""
+        from slotserve.slots.share import EngineShare
+        from slotserve.slots.state import SlotError
+
+        ticket.check()
+        share = host.share or EngineShare(host.engine, host)
+        m = bundle.manifest
+        adapter = m.ref if m.adapter is not None else ""   # "": the plain base model
+        if adapter and adapter not in host.engine.adapters.names:
+            try:
+                host.engine.add_adapter(adapter, bundle.path / "adapter")
+            except ValueError as exc:
+                raise SlotError(f"cannot load {m.ref}: its adapter does not fit {host.ref}'s engine: {exc}") from None
+        try:
+            ticket.check()
+            tokenizer = same_tokenizer(bundle, resident()) or load_tokenizer(bundle)
+        except BaseException:
+            if adapter and not any(s.adapter == adapter for s in share.users):
+                host.engine.remove_adapter(adapter)
+            raise
+        host.share = share
+        s = Slot(name, bundle, host.engine, tokenizer, seq=next(self._seq), load_s=time.perf_counter() - started,
+                 adapter=adapter, share=share)
+        share.join(s)
+        return s
+
+
 def run_in_loader_thread(fn: Callable[[], T], nice: int = 10, slice_s: float = 0.0005,
                          pause_s: float = 0.005, busy: Callable[[], bool] | None = None) -> T:
     """Run `fn` in a new low-priority thread; block until it returns; re-raise its error.

@@ -60,6 +60,7 @@ from slotserve.slots.faults import Faults, InjectedOOM
 from slotserve.slots.loader import AbortablePool, LoadTicket, SlotLoader, shared_fn
 from slotserve.slots.planner import (LoadEstimate, MemoryPlanError, available_bytes, device_memory, estimate,
                                      kv_tokens, plan)
+from slotserve.slots.share import can_share
 from slotserve.slots.slot import Slot, SlotRequest
 from slotserve.slots.state import OOMEvent, Overloaded, SlotError, SlotInfo, SlotsState, Swap, account
 
@@ -244,7 +245,7 @@ class SlotManager:
         elif idle:
             threading.Thread(target=s.close, name="slotserve-slot-close", daemon=True).start()
         with self._lock:
-            self._draining = [d for d in self._draining if not d.engine.closed]
+            self._draining = [d for d in self._draining if not d.closed]
 
     # ------------------------------------------------------------------ loading
     def load(self, ref: str, slot: str = "candidate", evict_previous: bool = False) -> Slot:
@@ -284,11 +285,15 @@ class SlotManager:
         ticket.check()
         if evict_previous and slot != "previous":
             self.release("previous")
-        need = self._plan(bundle, slot)
+        host = self._share_host(bundle)
+        need = self._plan(bundle, slot, host)
         ticket.check()
         kv = kv_tokens(_json(bundle.path / "model" / "config.json"), bundle.serving, str(self.device))
         try:
-            s = self.loader.build(bundle, slot, faults, kv, ticket, self._all_slots, t0)
+            if host is not None:   # an adapter version of a resident base: join its engine
+                s = self.loader.join(bundle, slot, host, ticket, self._all_slots, t0)
+            else:
+                s = self.loader.build(bundle, slot, faults, kv, ticket, self._all_slots, t0)
         except torch.OutOfMemoryError as exc:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -306,18 +311,27 @@ class SlotManager:
             if clash is None:
                 self._slots[slot] = s
         if clash is not None:
-            s.engine.close()
+            s.close()
             raise SlotError(f"slot {slot} was filled by {clash.ref} while {bundle.ref} loaded; "
                             "release it first, then load")
         log.info("loaded %s into %s in %.2fs (%s path)", s.ref, slot, s.load_s, s.engine.path)
         return s
 
-    def _plan(self, bundle, slot: str) -> LoadEstimate:
+    def _share_host(self, bundle) -> Slot | None:
+        """A named slot whose engine `bundle` can join (slotserve.slots.share), oldest first."""
+        with self._lock:
+            named = sorted(self._slots.values(), key=lambda s: s.seq)
+        return next((s for s in named if can_share(bundle, s)), None)
+
+    def _plan(self, bundle, slot: str, host: Slot | None = None) -> LoadEstimate:
         """What loading `bundle` needs, refused (MemoryPlanError) unless it fits beside what
         the slots hold; parks previous in host memory first when that makes it fit (and
-        `park_when_full`)."""
+        `park_when_full`). Joining `host`'s engine needs the adapter's bytes alone: the base
+        weights are resident and the KV pool is the engine's."""
         need = estimate(bundle, device=str(self.device), shared=shared_fn(bundle, self._all_slots()),
                         headroom_bytes=self.headroom_bytes)
+        if host is not None:
+            need = LoadEstimate(need.weight_bytes, 0, 0, need.shared_bytes)
         try:
             plan(need, self.device_memory(), self._held())
         except MemoryPlanError:
@@ -356,7 +370,7 @@ class SlotManager:
             raise SlotError("live cannot be parked (it serves); park previous or candidate")
         with self._mem_lock:
             s = self.slot(slot)
-            if s.tier == "host":
+            if s.tier == "host" or s.shares_engine:   # a shared engine serves another slot: it stays
                 return 0
             with s._cv:
                 s.tier = "moving"
@@ -394,13 +408,13 @@ class SlotManager:
 
     def _all_slots(self) -> list[Slot]:
         with self._lock:
-            return list(self._slots.values()) + [d for d in self._draining if not d.engine.closed]
+            return list(self._slots.values()) + [d for d in self._draining if not d.closed]
 
     def _accounting(self):
         """(slots by name, draining slots, their Acc by id, device bytes held per entry)."""
         with self._lock:
             named = dict(self._slots)
-            draining = [d for d in self._draining if not d.engine.closed]
+            draining = [d for d in self._draining if not d.closed]
         acc = account(list(named.values()) + draining, self.device)
         held = {n: acc[id(s)].device_bytes for n, s in named.items()}
         held.update({f"released {d.ref}": acc[id(d)].device_bytes for d in draining})
@@ -423,7 +437,7 @@ class SlotManager:
         try:
             if s.injector is not None:
                 await s.injector.before_request_async()
-            handle = s.engine.submit(prompt_ids, params)
+            handle = s.submit(prompt_ids, params)
         except torch.OutOfMemoryError as exc:
             s._exit()
             req = await self._after_oom(s, exc, prompt_ids, params)
@@ -496,7 +510,10 @@ class SlotManager:
                     name=n, ref=s.ref, digest=s.digest, tier=s.tier, held_bytes=a.held_bytes,
                     shared_bytes=a.shared_bytes, weight_bytes=a.weight_bytes, kv_bytes=a.kv_bytes,
                     faults=s.faults.as_dict(), path=s.engine.path, inflight=s.inflight,
-                    load_s=round(s.load_s, 4), loaded_at=s.loaded_at)
+                    load_s=round(s.load_s, 4), loaded_at=s.loaded_at,
+                    adapter_of=s.bundle.manifest.adapter.base_ref if s.bundle.manifest.adapter else None,
+                    engine_shared_with=tuple(sorted(o.name for o in named.values()
+                                                    if o is not s and o.engine is s.engine)))
         try:
             free = available_bytes(self.device_memory(), held)
         except ValueError:  # nothing reports free memory and no budget is set

@@ -189,6 +189,13 @@ def estimate(bundle, *, device: str = "cpu", shared: Callable[[str, str], bool] 
                 shared_total += numel * per
             else:
                 new += numel * per
+    adapter = root / "adapter" / "adapter_model.safetensors"
+    if adapter.is_file():   # an adapter version: its LoRA tensors are always its own (never pooled)
+        for _, (_, shape) in safetensors_tensors(adapter).items():
+            numel = 1
+            for d in shape:
+                numel *= d
+            new += numel * float_bytes
     kv = kv_tokens(config, serving, device) * kv_bytes_per_token(config, float_bytes)
     if headroom_bytes is None:
         headroom_bytes = max(HEADROOM_MIN_BYTES, int(HEADROOM_FRACTION * (new + shared_total + kv)))

@@ -42,6 +42,11 @@ class Slot:
     parked: Any = None             # the engine's ParkState while tier == "host"
     released: bool = False
     oom_reported: bool = False     # on_oom fires once per slot
+    # Sharing another slot's engine (slotserve.slots.share): the adapter its requests name
+    # ("" = the plain base; None = the engine's own default) and who else uses the engine.
+    adapter: str | None = None
+    share: Any = None              # EngineShare, or None while this slot has its engine alone
+    _closed: bool = False
     _inflight: int = 0
     _cv: threading.Condition = field(default_factory=threading.Condition, repr=False)
 
@@ -81,8 +86,27 @@ class Slot:
         with self._cv:
             return self._cv.wait_for(lambda: self._inflight == 0, timeout)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed or self.engine.closed
+
+    @property
+    def shares_engine(self) -> bool:
+        return self.share is not None and bool(self.share.others(self))
+
+    def submit(self, prompt_ids, params):
+        """Submit to the engine, naming this slot's adapter when the engine is shared."""
+        if self.adapter is None:
+            return self.engine.submit(prompt_ids, params)
+        return self.engine.submit(prompt_ids, params, adapter=self.adapter)
+
     def close(self) -> None:
-        if not self.engine.closed:
+        if self._closed:
+            return
+        self._closed = True
+        if self.share is not None:
+            self.share.leave(self)    # the engine closes with its last slot
+        elif not self.engine.closed:
             self.engine.close()
 
     def __repr__(self) -> str:

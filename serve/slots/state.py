@@ -75,6 +75,8 @@ class SlotInfo:
     inflight: int
     load_s: float
     loaded_at: float
+    adapter_of: str | None = None          # an adapter version: its base (the ref it was published on)
+    engine_shared_with: tuple[str, ...] = ()   # other slots decoding in the same engine (one base)
 
     @property
     def held_weight_bytes(self) -> int:
@@ -112,6 +114,7 @@ class Acc:
 def account(slots, device) -> dict[int, Acc]:
     """id(slot) -> Acc, attributing each storage to the oldest slot that uses it."""
     owner: dict[tuple, int] = {}
+    engines: set[int] = set()   # an engine shared by slots (adapter versions): its KV pool counts once
     out = {}
     for s in sorted(slots, key=lambda s: s.seq):
         storages: dict[tuple, int] = {}
@@ -124,6 +127,12 @@ def account(slots, device) -> dict[int, Acc]:
         on_device = sum(n for k, n in storages.items() if k not in owner and k[1] == str(device))
         for k in storages:
             owner.setdefault(k, s.seq)
-        kv = s.engine.memory().kv_bytes
-        out[id(s)] = Acc(weight, shared, kv, on_device + kv)
+        kv = s.engine.memory().kv_bytes if id(s.engine) not in engines else 0
+        engines.add(id(s.engine))
+        # a LoRA adapter's stacked tensors are this slot's own (adapters.by_name: the unpadded size)
+        name = s.adapter if s.adapter is not None else getattr(s.engine, "default_adapter", None)
+        adapters = getattr(s.engine, "adapters", None)
+        lora = adapters.by_name[name].nbytes if name and adapters is not None and name in adapters.by_name else 0
+        weight += lora
+        out[id(s)] = Acc(weight, shared, kv, on_device + kv + (lora if str(s.engine.device) == str(device) else 0))
     return out
