@@ -75,10 +75,13 @@ class BundleView:
                 msgs[0] = {**msgs[0], "content": f"{self.system_prompt}\n\n{msgs[0]['content']}"}
             else:
                 msgs.insert(0, {"role": "system", "content": self.system_prompt})
+        kwargs = dict(template_kwargs or {})
+        if tools is not None:
+            kwargs["tools"] = tools
         try:
             text = self.tokenizer.apply_chat_template(
-                msgs, chat_template=self.chat_template or FALLBACK_TEMPLATE, tools=tools,
-                tokenize=False, add_generation_prompt=True, **(template_kwargs or {}))
+                msgs, chat_template=self.chat_template or FALLBACK_TEMPLATE,
+                tokenize=False, add_generation_prompt=True, **kwargs)
         except Exception as exc:  # jinja raise_exception(...) e.g. roles must alternate
             raise PromptError(f"messages do not fit {self.ref}'s chat template: {exc}", "messages") from None
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
