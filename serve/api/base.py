@@ -1,9 +1,13 @@
-"""The pydantic base every request and response body at the HTTP edge derives from.
+"""The pydantic bases of every body at the HTTP edge: `ApiModel` (responses) and
+`RequestModel` (requests).
 
-Unknown extra fields are ignored, as the OpenAI clients send new optional fields over
-time; fields may be filled by name or alias. Text anywhere in a body must be
-encodable UTF-8, so that a lone surrogate is refused with a 400 here instead of
-failing in the tokenizer.
+A request is refused, not reinterpreted: an unknown field is a 400 naming it (a client
+that sends `repetiton_penalty` must learn that nothing applied it), and types are strict
+(`"8"` or `true` is not an integer, `"yes"` is not a boolean; an integer is a valid
+float). Text anywhere in a body must be encodable UTF-8, so that a lone surrogate is
+refused with a 400 here instead of failing in the tokenizer. `FieldError` is a
+ValueError naming the request field at fault (the error object's `param`) for the
+checks that span fields.
 """
 
 from __future__ import annotations
@@ -28,8 +32,16 @@ def _check_encodable(v: Any, where: str = "body") -> None:
             _check_encodable(x, where)
 
 
+class FieldError(ValueError):
+    """A refusal of request field `param` (a dotted path such as "tools[0].function.name")."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
 class ApiModel(BaseModel):
-    """Base of every body at the edge: unknown fields ignored, text must be valid Unicode."""
+    """Base of every body at the edge: text must be valid Unicode."""
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
@@ -38,3 +50,9 @@ class ApiModel(BaseModel):
     def _unicode(cls, data: Any) -> Any:
         _check_encodable(data)
         return data
+
+
+class RequestModel(ApiModel):
+    """Base of every request body: unknown fields and loose types are refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)

@@ -49,7 +49,8 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 
 def describe_validation_error(exc: ValidationError | Any) -> tuple[str, str | None]:
-    """(message, param) for the first problem, in words a client can act on."""
+    """(message, param) for the first problems, in words a client can act on; `param` is the
+    first problem's field as a dotted path ("messages.0.role", "tools[1].function.name")."""
     errors = exc.errors() if hasattr(exc, "errors") else list(exc)
     if not errors:
         return "invalid request", None
@@ -57,14 +58,19 @@ def describe_validation_error(exc: ValidationError | Any) -> tuple[str, str | No
     param = None
     for err in errors[:3]:
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]   # where FastAPI found it
+        cause = (err.get("ctx") or {}).get("error")
+        if getattr(cause, "param", None):            # a FieldError from a check spanning fields
+            loc = loc + [cause.param]
         where = ".".join(loc)
         if param is None and loc:
-            param = loc[0]
+            param = where
         msg = err.get("msg", "invalid value")
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         if err.get("type") == "json_invalid":
             return f"request body is not valid JSON: {err.get('ctx', {}).get('error', msg)}", None
-        parts.append(f"{where}: {msg}" if where else msg)
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown field: this server does not know it (see docs/serving.md for the fields it accepts)"
+        parts.append(f"{where}: {msg}" if where and not msg.startswith(loc[-1]) else msg)
     more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
     return "; ".join(parts) + more, param

@@ -36,10 +36,7 @@ def prepare(views: Mapping[str, BundleView], kind: str, req, slot: str, pinned: 
         raise APIError(503, f"slot {slot} is empty on this replica", code="not_ready")
     view = views[slot]
     try:
-        if kind == "chat":
-            ids = view.render_chat([{"role": m.role, "content": m.text()} for m in req.messages])
-        else:
-            ids = view.encode(req.prompt)
+        ids = _render_chat(view, req) if kind == "chat" else view.encode(req.prompt)
     except PromptError as exc:
         raise APIError(400, str(exc), param=exc.param) from None
     if not ids:
@@ -66,8 +63,39 @@ def prepare(views: Mapping[str, BundleView], kind: str, req, slot: str, pinned: 
         "max_tokens": limit,
         "stop_token_ids": tuple(view.eos_ids),
         "seed": req.seed,
+        "presence_penalty": req.presence_penalty or 0.0,
+        "frequency_penalty": req.frequency_penalty or 0.0,
+        "repetition_penalty": _pick(req.repetition_penalty, d.get("repetition_penalty"), 1.0),
+        "min_p": _pick(req.min_p, d.get("min_p"), 0.0),
+        "logit_bias": req.logit_bias_pairs(),
+        "logprobs": req.num_logprobs,
+        "grammar": req.grammar if kind == "chat" else None,
     }
+    vocab = len(view.tokenizer)
+    bad = [t for t, _ in params["logit_bias"] if t >= vocab]
+    if bad:
+        raise APIError(400, f"logit_bias: token ids {bad[:5]} are outside {view.ref}'s vocabulary "
+                            f"[0, {vocab})", param="logit_bias")
     return Prepared(kind, req, slot, pinned, view, ids, params)
+
+
+def _render_chat(view: BundleView, req) -> list[int]:
+    """The chat prompt: tools told to the model through the bundle's own template when it
+    reads `tools`, else as a system section (slotserve.api.tool_calls); template variables
+    from chat_template_kwargs and reasoning_effort."""
+    from slotserve.api.tool_calls import render_messages, template_supports_tools, template_tools
+    supports = template_supports_tools(view.chat_template)
+    msgs = render_messages([m.as_dict() for m in req.messages], req.tools, req.tool_choice, supports)
+    kwargs = dict(req.chat_template_kwargs or {})
+    if req.reasoning_effort is not None:
+        # Passed only to a template that reads it (gpt-oss style); elsewhere nothing would
+        # apply it, so it is refused rather than ignored.
+        if not view.reads("reasoning_effort"):
+            raise APIError(400, f"reasoning_effort: {view.ref}'s chat template does not read it, so it "
+                                "would have no effect; omit it", param="reasoning_effort")
+        kwargs["reasoning_effort"] = req.reasoning_effort
+    tools = template_tools(req.tools, req.tool_choice) if supports else None
+    return view.render_chat(msgs, tools=tools, template_kwargs=kwargs)
 
 
 def _pick(req_value, default, fallback):

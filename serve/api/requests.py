@@ -1,31 +1,38 @@
 """Request bodies at the HTTP edge: OpenAI chat and text completions, feedback, admin.
 
-Requests are validated against what this server can honour: a field the server would
-silently ignore with a non-default value (n > 1, tools, logprobs, penalties) is
-refused with a message saying what is valid, rather than answered as if it had been
-applied. Limits that depend on the answering bundle (prompt + max_tokens within its
-context) are checked by the handler once it knows which bundle answers.
+Requests are validated against what this server can honour: an unknown field, a value of
+the wrong JSON type, or a value outside what the server applies is refused with a 400
+whose `param` names the field and whose message says what is valid, rather than answered
+as if it had been applied (docs/serving.md lists every field). Limits that depend on the
+answering bundle (prompt + max_tokens within its context, logit_bias ids within its
+vocabulary, template-only fields such as reasoning_effort) are checked by
+slotserve.api.preparation once it knows which bundle answers.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from slotserve.api.base import ApiModel
+from slotserve.api.base import FieldError, RequestModel
 
 # Hard ceiling on max_tokens before we know the bundle; the bundle's context bounds it further.
 MAX_TOKENS_LIMIT = 1 << 20
 MAX_STOP_SEQUENCES = 4
-ROLES = ("system", "developer", "user", "assistant")
+MAX_N = 16                   # choices per request (each is one engine sequence; KV shared by prefix)
+MAX_TOP_LOGPROBS = 20        # OpenAI's limit for chat; completions' `logprobs` uses the same
+MAX_LOGIT_BIAS = 300         # entries (OpenAI documents no limit; every entry costs a scatter per step)
+ROLES = ("system", "developer", "user", "assistant", "tool")
+REASONING_EFFORTS = ("minimal", "low", "medium", "high")
 
 
-class StreamOptions(ApiModel):
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-class ContentPart(ApiModel):
+class ContentPart(RequestModel):
     type: str
     text: str | None = None
 
@@ -37,11 +44,30 @@ class ContentPart(ApiModel):
         return self
 
 
-class ChatMessage(ApiModel):
+class FunctionCall(RequestModel):
+    name: str
+    arguments: str               # JSON text, as OpenAI sends it back
+
+
+class ToolCallIn(RequestModel):
+    """A call an earlier assistant turn made (sent back in `messages`)."""
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(RequestModel):
     role: str
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[ToolCallIn] | None = None     # assistant turns
+    tool_call_id: str | None = None                # tool turns: which call this answers
+    # The openai SDK sends back an assistant message as it received it; these are accepted
+    # only empty, since nothing here could use them.
+    refusal: None = None
+    annotations: list[Any] | None = None
+    audio: None = None
+    function_call: None = None
 
     @field_validator("role")
     @classmethod
@@ -50,11 +76,22 @@ class ChatMessage(ApiModel):
             raise ValueError(f"role {v!r} is not supported: valid roles are {list(ROLES)}")
         return v
 
+    @field_validator("annotations")
+    @classmethod
+    def _no_annotations(cls, v):
+        if v:
+            raise ValueError("annotations are not supported in messages (send none or [])")
+        return v
+
     @model_validator(mode="after")
     def _content(self):
-        if self.tool_calls:
-            raise ValueError("tool calls are not supported")
-        if self.content is None:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"tool_calls are only valid on assistant messages, not {self.role!r}")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id (the id of the call it answers)")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError(f"tool_call_id is only valid on tool messages, not {self.role!r}")
+        if self.content is None and not self.tool_calls:
             raise ValueError("content is required (a string or a list of text parts)")
         return self
 
@@ -62,6 +99,17 @@ class ChatMessage(ApiModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text or "" for p in self.content or [])
+
+    def as_dict(self) -> dict:
+        """The message as the prompt renderers take it (slotserve.api.tool_calls)."""
+        d: dict[str, Any] = {"role": self.role, "content": self.text() if self.content is not None else None}
+        if self.name is not None:
+            d["name"] = self.name
+        if self.tool_calls:
+            d["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            d["tool_call_id"] = self.tool_call_id
+        return d
 
 
 def _check_stop(v):
@@ -75,7 +123,10 @@ def _check_stop(v):
     return v
 
 
-class _Sampling(ApiModel):
+_TOKEN_ID = re.compile(r"^(0|[1-9][0-9]{0,9})$")
+
+
+class _Sampling(RequestModel):
     """Fields common to chat and text completions."""
 
     model: str = Field(min_length=1)
@@ -83,7 +134,8 @@ class _Sampling(ApiModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0, lt=1 << 31)  # extension (vLLM-style); 0 = off
-    n: int = Field(default=1, ge=1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)   # extension (vLLM-style); 0 = off
+    n: int = Field(default=1, ge=1, le=MAX_N)
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -91,6 +143,7 @@ class _Sampling(ApiModel):
     user: str | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=100.0)   # extension (HF / vLLM); 1 = off
     logit_bias: dict[str, float] | None = None
 
     @field_validator("stop")
@@ -104,15 +157,24 @@ class _Sampling(ApiModel):
         # The OpenAI spec marks these nullable; clients send null to mean "the default".
         return cls.model_fields[info.field_name].default if v is None else v
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v):
+        if v is None:
+            return v
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries, got {len(v)}")
+        for k, x in v.items():
+            if not _TOKEN_ID.match(k):
+                raise ValueError(f"keys are token ids (decimal integers as strings, e.g. \"50256\"), got {k!r}")
+            if not -100.0 <= x <= 100.0:
+                raise ValueError(f"values must be in [-100, 100], got {x} for token {k}")
+        return v
+
     @model_validator(mode="after")
-    def _supported(self):
-        if self.n != 1:
-            raise ValueError("n: only n=1 is supported (one choice per request)")
-        if self.presence_penalty or self.frequency_penalty:
-            raise ValueError("presence_penalty and frequency_penalty are not supported "
-                             "(omit them or send 0)")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported (omit it or send {})")
+    def _stream_options(self):
+        if self.stream_options is not None and not self.stream:
+            raise FieldError("stream_options", "stream_options is only valid with stream: true")
         return self
 
     def stop_list(self) -> list[str]:
@@ -120,31 +182,59 @@ class _Sampling(ApiModel):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), float(x)) for k, x in (self.logit_bias or {}).items())
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+def _field_of(message: str, default: str) -> str:
+    """The request field a prototype-style message starts with ("tools[0].function.name must ...")."""
+    m = re.match(r"^([A-Za-z_]+(?:\[\d+\])?(?:\.[A-Za-z_]+(?:\[\d+\])?)*)", message)
+    return m.group(1) if m else default
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], dict[str, Any], None] = None
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None      # extension (vLLM): variables for the template
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    _grammar: str | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _chat_supported(self):
-        if self.logprobs or self.top_logprobs:
-            raise ValueError("logprobs is not supported")
-        if self.tools:
-            raise ValueError("tools are not supported")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise ValueError("tool_choice is not supported")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("response_format: only {'type': 'text'} is supported")
+        if self.top_logprobs is not None and self.top_logprobs > 0 and not self.logprobs:
+            raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
+        if self.chat_template_kwargs:
+            reserved = sorted({"messages", "tools", "add_generation_prompt", "chat_template", "tokenize",
+                               "documents"} & set(self.chat_template_kwargs))
+            if reserved:
+                raise FieldError("chat_template_kwargs",
+                                 f"chat_template_kwargs may not set {reserved}: the server sets them")
+        from slotserve.api.structured import grammar_for   # llguidance: loaded on first use
+        try:
+            self._grammar = grammar_for(self.response_format, self.tools, self.tool_choice)
+        except ValueError as e:
+            raise FieldError(_field_of(str(e), "response_format"), str(e)) from None
         return self
+
+    @property
+    def grammar(self) -> str | None:
+        """The llguidance grammar the answer is constrained to (response_format, forced tool call)."""
+        return self._grammar
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """None: no logprobs; else how many alternatives per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def token_limit(self) -> int | None:
         # New clients send max_completion_tokens; it wins when both are present.
@@ -157,7 +247,7 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @field_validator("echo", mode="before")
     @classmethod
@@ -172,7 +262,8 @@ class CompletionRequest(_Sampling):
                 raise ValueError("prompt must not be empty")
             if isinstance(v[0], (str, list)):
                 if len(v) != 1:
-                    raise ValueError("only one prompt per request is supported (n=1, no batches)")
+                    raise ValueError("only one prompt per request is supported (send n for several "
+                                     "choices of one prompt)")
                 v = v[0]
         if isinstance(v, list):
             if not v:
@@ -183,15 +274,19 @@ class CompletionRequest(_Sampling):
 
     @model_validator(mode="after")
     def _completion_supported(self):
-        if self.echo:
-            raise ValueError("echo is not supported")
         if self.suffix:
-            raise ValueError("suffix is not supported")
-        if self.best_of not in (None, 1):
-            raise ValueError("best_of: only 1 is supported")
-        if self.logprobs:
-            raise ValueError("logprobs is not supported")
+            raise FieldError("suffix", "suffix is not supported (insertion needs a fill-in-the-middle model)")
+        if self.echo and self.logprobs is not None:
+            raise FieldError("echo", "echo together with logprobs (the prompt's logprobs) is not supported; "
+                                     "send echo or logprobs, not both")
+        if self.best_of not in (None, self.n):
+            raise FieldError("best_of", f"best_of must equal n ({self.n}) or be omitted: every "
+                                        "generated choice is returned")
         return self
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     def token_limit(self) -> int | None:
         return self.max_tokens
@@ -199,7 +294,7 @@ class CompletionRequest(_Sampling):
 
 # ---------------------------------------------------------------- feedback and admin
 
-class FeedbackRequest(ApiModel):
+class FeedbackRequest(RequestModel):
     id: str = Field(min_length=1, max_length=200)
     rating: Union[int, str]
     comment: str | None = Field(default=None, max_length=2000)
@@ -220,15 +315,13 @@ class FeedbackRequest(ApiModel):
         return self.rating == -1
 
 
-class LoadRequest(ApiModel):
-    model_config = ConfigDict(extra="forbid")
+class LoadRequest(RequestModel):
     bundle: str = Field(min_length=1, description="name:version, name@alias or sha256:prefix")
     slot: Literal["candidate"] = "candidate"
     evict_previous: bool = False
 
 
-class ReasonRequest(ApiModel):
-    model_config = ConfigDict(extra="forbid")
+class ReasonRequest(RequestModel):
     reason: str = Field(default="", max_length=2000)
 
 

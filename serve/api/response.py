@@ -37,6 +37,14 @@ class Run:
         self._recorded = False
         self.ended = asyncio.Event()     # set once the outcome is recorded (shadow diffs wait on it)
         self.error: BaseException | None = None
+        self.index = 0                   # the choice this run answers (n > 1: slotserve.api.choices)
+        req = prep.request
+        self.tools = None                # (names, ToolChoice) when the request offers tools
+        if prep.kind == "chat" and getattr(req, "tools", None):
+            from slotserve.api.tool_calls import callable_functions, functions, resolve_tool_choice
+            choice = resolve_tool_choice(req.tools, req.tool_choice)
+            if choice.mode != "none":
+                self.tools = ({f.name for f in callable_functions(functions(req.tools), choice)}, choice)
 
     def close(self) -> None:
         """Idempotent: cancel the engine request and record it if it never finished
@@ -104,40 +112,100 @@ class Run:
     def usage(self) -> Usage:
         return Usage.of(len(self.prep.prompt_ids), len(self.stream.ids), getattr(self.handle, "cached_tokens", 0))
 
+    # -- logprobs (slotserve.engine.TokenLogprob per output token)
+
+    def _token_text(self, tok: int) -> str:
+        return self.view.tokenizer.decode([tok])
+
+    def logprobs(self, start: int = 0, end: int | None = None, offset: int = 0) -> dict | None:
+        """OpenAI's logprobs object for output tokens [start, end), or None when not asked."""
+        if self.prep.params.get("logprobs") is None:
+            return None
+        entries = list(getattr(self.handle, "logprobs", []))[:len(self.stream.ids)][start:end]
+        ids = self.stream.ids[start:start + len(entries)]
+        if self.prep.kind == "chat":
+            def item(tok, lp):
+                t = self._token_text(tok)
+                return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+            return {"content": [{**item(tok, e.logprob), "top_logprobs": [item(i, x) for i, x in e.top]}
+                                for tok, e in zip(ids, entries)], "refusal": None}
+        tokens = [self._token_text(t) for t in ids]
+        offsets, pos = [], offset
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{self._token_text(i): x for i, x in e.top} for e in entries],
+                "text_offset": offsets}
+
+    def _echo(self) -> str:
+        req = self.prep.request
+        if self.prep.kind != "completion" or not req.echo:
+            return ""
+        return req.prompt if isinstance(req.prompt, str) else self.view.tokenizer.decode(self.prep.prompt_ids)
+
     # -- whole responses
 
     async def response(self) -> dict:
+        """The whole answer (one choice, index `self.index`)."""
         text = "".join([p async for p in self.deltas()])
         v = self.view
         if self.prep.kind == "chat":
             body = ChatCompletion(id=self.id, created=self.created, model=v.ref,
-                                  system_fingerprint=v.digest,
-                                  choices=[ChatChoice(message=ResponseMessage(content=text),
-                                                      finish_reason=self.finish_reason)],
+                                  system_fingerprint=v.digest, choices=[self.chat_choice(text)],
                                   usage=self.usage())
         else:
+            echo = self._echo()
             body = Completion(id=self.id, created=self.created, model=v.ref,
                               system_fingerprint=v.digest,
-                              choices=[CompletionChoice(text=text, finish_reason=self.finish_reason)],
+                              choices=[CompletionChoice(index=self.index, text=echo + text,
+                                                        finish_reason=self.finish_reason,
+                                                        logprobs=self.logprobs(offset=len(echo)))],
                               usage=self.usage())
         return body.model_dump(mode="json")
 
-    async def sse(self) -> AsyncIterator[str]:
-        """Server-sent events: `data: {chunk}\\n\\n` ... `data: [DONE]\\n\\n`."""
+    def chat_choice(self, text: str) -> ChatChoice:
+        content, calls, finish = text, [], self.finish_reason
+        if self.tools is not None:
+            from slotserve.api.tool_calls import finish_reason, parse_tool_calls
+            names, choice = self.tools
+            content, calls = parse_tool_calls(text, names=names)
+            finish = finish_reason(finish, calls, choice)
+        message = ResponseMessage(content=content, tool_calls=[c.to_openai() for c in calls] or None)
+        return ChatChoice(index=self.index, message=message, finish_reason=finish, logprobs=self.logprobs())
+
+    async def sse(self, *, last: bool = True) -> AsyncIterator[str]:
+        """Server-sent events: `data: {chunk}\n\n` ... `data: [DONE]\n\n` (with `last`; n > 1
+        streams each choice in turn and ends once, slotserve.api.choices)."""
         v, chat = self.view, self.prep.kind == "chat"
         include_usage = self.prep.request.include_usage
+        tool_stream = None
+        if self.tools is not None:
+            from slotserve.api.tool_calls import ToolCallStream, finish_reason
+            tool_stream = ToolCallStream(names=self.tools[0])
+        sent = 0                       # output tokens whose logprobs went out
+
+        def pending_logprobs() -> dict | None:
+            nonlocal sent
+            n = len(self.stream.ids)
+            lp = self.logprobs(sent, n) if n > sent else None
+            sent = max(sent, n)
+            return lp
 
         def chunk(content: str | None, finish: str | None, role: bool = False,
-                  usage: Usage | None = None, empty: bool = False) -> str:
+                  usage: Usage | None = None, empty: bool = False, tool_calls: list | None = None,
+                  logprobs: dict | None = None) -> str:
             if chat:
                 choices = [] if empty else [ChatChunkChoice(
-                    delta=Delta(role="assistant" if role else None, content=content),
-                    finish_reason=finish)]
+                    index=self.index,
+                    delta=Delta(role="assistant" if role else None, content=content, tool_calls=tool_calls),
+                    finish_reason=finish, logprobs=logprobs)]
                 body = ChatCompletionChunk(id=self.id, created=self.created, model=v.ref,
                                            system_fingerprint=v.digest, choices=choices,
                                            usage=usage)
             else:
-                choices = [] if empty else [CompletionChoice(text=content or "", finish_reason=finish)]
+                choices = [] if empty else [CompletionChoice(index=self.index, text=content or "",
+                                                             finish_reason=finish, logprobs=logprobs)]
                 body = Completion(id=self.id, created=self.created, model=v.ref,
                                   system_fingerprint=v.digest, choices=choices, usage=usage)
             data = body.model_dump(mode="json", exclude_none=False)
@@ -145,12 +213,23 @@ class Run:
                 data.pop("usage", None)
             return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
+        def pieces(deltas: list[dict]):
+            for i, d in enumerate(deltas):
+                lp = pending_logprobs() if i == len(deltas) - 1 else None
+                yield chunk(d.get("content"), None, tool_calls=d.get("tool_calls"), logprobs=lp)
+
         if chat:
             yield chunk("", None, role=True)
+        elif echo := self._echo():
+            yield chunk(echo, None)
         gen = self.deltas()
         try:
             async for piece in gen:
-                yield chunk(piece, None)
+                if tool_stream is not None:
+                    for c in pieces(tool_stream.push(piece)):
+                        yield c
+                else:
+                    yield chunk(piece, None, logprobs=pending_logprobs())
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as exc:  # after the first token: report in-band, then end
@@ -161,10 +240,16 @@ class Run:
         finally:
             await gen.aclose()  # closing here, not at GC, frees the engine request now
             self.close()
-        yield chunk(None if chat else "", self.finish_reason)
-        if include_usage:
+        finish = self.finish_reason
+        if tool_stream is not None:
+            for c in pieces(tool_stream.finish()):
+                yield c
+            finish = finish_reason(finish, tool_stream.calls, self.tools[1])
+        yield chunk(None if chat else "", finish, logprobs=pending_logprobs())
+        if include_usage and last:
             yield chunk(None, None, usage=self.usage(), empty=True)
-        yield "data: [DONE]\n\n"
+        if last:
+            yield "data: [DONE]\n\n"
 
 
 class _Resume:
@@ -183,6 +268,10 @@ class _Resume:
     @property
     def cached_tokens(self) -> int:
         return getattr(self._h, "cached_tokens", 0)
+
+    @property
+    def logprobs(self) -> list:
+        return getattr(self._h, "logprobs", [])
 
     def cancel(self):
         self._h.cancel()

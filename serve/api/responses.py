@@ -26,19 +26,20 @@ class Usage(ApiModel):
                    prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class ResponseMessage(ApiModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None                         # None when the answer is only tool calls
+    tool_calls: list[dict] | None = None        # [{id, type: "function", function: {name, arguments}}]
 
 
 class ChatChoice(ApiModel):
     index: int = 0
     message: ResponseMessage
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: dict | None = None                # {"content": [{token, logprob, bytes, top_logprobs}]}
 
 
 class ChatCompletion(ApiModel):
@@ -54,13 +55,14 @@ class ChatCompletion(ApiModel):
 class Delta(ApiModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict] | None = None        # streamed call pieces, each with its `index`
 
 
 class ChatChunkChoice(ApiModel):
     index: int = 0
     delta: Delta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: dict | None = None
 
 
 class ChatCompletionChunk(ApiModel):
@@ -77,7 +79,7 @@ class CompletionChoice(ApiModel):
     index: int = 0
     text: str
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: dict | None = None                # {tokens, token_logprobs, top_logprobs, text_offset}
 
 
 class Completion(ApiModel):

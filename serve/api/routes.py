@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slotserve import SLOT_NAMES, __version__
+from slotserve.api import choices
 from slotserve.api.auth import TokenCheck
 from slotserve.api.errors import APIError, describe_validation_error
 from slotserve.api.handler import Handler
@@ -45,7 +46,17 @@ def _err(status: int, message: str, type_: str | None = None, param=None, code=N
     return JSONResponse(e.body(), status_code=status, headers=headers)
 
 
+def _is_json(content_type: str | None) -> bool:
+    media = (content_type or "").split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
 async def _json_body(request: Request) -> Any:
+    ctype = request.headers.get("content-type")
+    if ctype is not None and not _is_json(ctype):
+        # e.g. curl -d without -H 'content-type: application/json' sends a form
+        raise APIError(415, f"request body must be JSON (content-type: application/json), got "
+                            f"content-type {ctype.split(';')[0]!r}", code="unsupported_media_type")
     raw = await request.body()
     if len(raw) > MAX_BODY_BYTES:
         raise APIError(413, f"request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
@@ -66,16 +77,17 @@ def _parse(model, body: Any):
 class _SSE(StreamingResponse):
     """Streams a Run as server-sent events; whatever happens, the engine request ends."""
 
-    def __init__(self, run, headers: dict):
-        super().__init__(run.sse(), media_type="text/event-stream",
+    def __init__(self, run, headers: dict, events=None, runs=None):
+        super().__init__(events if events is not None else run.sse(), media_type="text/event-stream",
                          headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
-        self._run = run
+        self._runs = runs or [run]
 
     async def __call__(self, scope, receive, send):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self._run.close()  # a client that disconnected frees its KV blocks now
+            for run in self._runs:
+                run.close()  # a client that disconnected frees its KV blocks now
 
 
 def create_app(replica: Replica) -> FastAPI:
@@ -151,6 +163,16 @@ class OpenAIRoutes:
         ok, why = replica.ready()
         if not ok and not handler.backend.views():
             raise APIError(503, f"not ready: {why}", code="not_ready", headers={"Retry-After": "2"})
+        if req.n > 1:
+            runs = await choices.start_choices(handler, kind, req, request.headers)
+            if req.stream:
+                return _SSE(runs[0], runs[0].headers(), choices.sse(runs), runs)
+            try:
+                body = await choices.whole(runs)
+            finally:
+                for r in runs:
+                    r.close()
+            return JSONResponse(body, headers=runs[0].headers())
         run = await handler.start(kind, req, request.headers)
         if req.stream:
             return _SSE(run, run.headers())

@@ -45,7 +45,8 @@ from slotserve.engine.kv_cache import BLOCK_SIZE, BlockAllocator, KVCache, block
 from slotserve.engine.loader import load_engine
 from slotserve.engine.parking import ParkState, WeightParker
 from slotserve.engine.request import (AdmissionError, EngineClosedError, EngineParkedError, RequestHandle,
-                                      SamplingParams)
+                                      SamplingParams, TokenLogprob)
+from slotserve.engine.sampling_state import SamplingState
 from slotserve.engine.scheduler import Scheduler, Sequence, SeqStatus
 from slotserve.engine.weights import TensorPool, unique_bytes
 
@@ -57,6 +58,7 @@ class EngineMemory:
     weight_bytes: int                  # distinct weight storage this engine uses
     shared_weight_bytes: int           # of which another engine also holds (tensor pool)
     kv_bytes: int                      # the paged KV pool (0 on the transformers path: grows per request)
+    sampler_bytes: int = 0             # penalties' token_state (allocated on the first request using one)
 
 
 class Engine:
@@ -89,8 +91,9 @@ class Engine:
         self._in_step = False                                     # a batch is between schedule and results
         self._op_lock = threading.RLock()                         # park / unpark / close, one at a time
         self.allocator = BlockAllocator(num_blocks_for_budget(kv_tokens, block_size), block_size)
+        self.sampling = SamplingState(max_batch, self.vocab_size, self.device, self.eos_token_ids)
         self.scheduler = Scheduler(self.allocator, max_batch=max_batch, max_model_len=max_model_len,
-                                   max_prefill_tokens=max_prefill_tokens, on_release=runner.release,
+                                   max_prefill_tokens=max_prefill_tokens, on_release=self._released,
                                    spread_blocks=runner.path == "lean" and runner.device.type == "cpu",
                                    # the transformers fallback keeps its own cache per sequence
                                    prefix_caching=enable_prefix_caching and runner.path == "lean")
@@ -128,14 +131,20 @@ class Engine:
                            model_impl=model_impl, enable_prefix_caching=enable_prefix_caching)
 
     # ------------------------------------------------------------------------------ requests
+    def use_tokenizer(self, tokenizer) -> None:
+        """The tokenizer `params.grammar` is compiled against (the slot loader sets the bundle's)."""
+        self.sampling.use_tokenizer(tokenizer)
+
     def submit(self, prompt_ids, params: SamplingParams | None = None, adapter: str | None = None
                ) -> RequestHandle:
-        """Queue one request (thread-safe). Raises AdmissionError if it can never be served.
+        """Queue one request (thread-safe). Raises AdmissionError if it can never be served,
+        ValueError if its grammar does not compile for this engine's tokenizer.
 
         adapter: the name of a loaded LoRA adapter to decode with, "" for the plain base
         model, None for `default_adapter`."""
         params = params or SamplingParams()
         prompt = self._check(prompt_ids, params)
+        matcher = self.sampling.matcher(params.grammar) if params.grammar is not None else None
         stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
         with self._cond:
             if self._closed:
@@ -148,7 +157,7 @@ class Engine:
             handle = RequestHandle(self, rid, prompt, params)
             seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
             seq = Sequence(seq_id=rid, prompt_len=len(prompt), token_ids=list(prompt), max_tokens=params.max_tokens,
-                           stop_ids=frozenset(stop), seed=seed, handle=handle)
+                           stop_ids=frozenset(stop), seed=seed, handle=handle, params=params, matcher=matcher)
             handle._seq = seq
             name = self.default_adapter if adapter is None else (adapter or None)
             try:
@@ -187,6 +196,9 @@ class Engine:
         bad = [t for t in prompt if not 0 <= t < self.vocab_size]
         if bad:
             raise AdmissionError(f"token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+        bad = [t for t, _ in params.logit_bias if not 0 <= t < self.vocab_size]
+        if bad:
+            raise AdmissionError(f"logit_bias token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
         if len(prompt) >= self.max_model_len:
             raise AdmissionError(f"prompt has {len(prompt)} tokens but max_model_len is {self.max_model_len}; "
                                  f"at most {self.max_model_len - 1} prompt tokens leave room to generate")
@@ -210,6 +222,11 @@ class Engine:
             self._counts["finished"] += 1
             handle._push(None, "cancelled")
             self._cond.notify_all()
+
+    def _released(self, seq: Sequence) -> None:
+        """The scheduler freed `seq`'s blocks (finish, cancel, preemption; lock held)."""
+        self.runner.release(seq)
+        self.sampling.release_row(seq)   # a preempted sequence rebuilds its counts when it runs again
 
     def _fail(self, seqs, error: BaseException) -> None:
         """Finish `seqs` with `error` (caller holds the lock)."""
@@ -242,7 +259,8 @@ class Engine:
     # ------------------------------------------------------------------------------ state
     def memory(self) -> EngineMemory:
         shared = self._pool.shared_bytes(self._owner) if self._pool is not None and self._owner else 0
-        return EngineMemory(self._weight_bytes, shared, self.kv.nbytes if self.kv is not None else 0)
+        return EngineMemory(self._weight_bytes, shared, self.kv.nbytes if self.kv is not None else 0,
+                            self.sampling.nbytes)
 
     def stats(self) -> dict:
         with self._cond:
@@ -415,9 +433,10 @@ class Engine:
                 if batch is None:
                     self._cond.wait(0.005)
                     continue
+                self.sampling.assign_rows(batch)
                 self._in_step = True
             try:
-                tokens, finite = self._run(batch)
+                tokens, finite, lps = self._run(batch)
             except Exception as e:
                 if _is_oom(e):
                     log.warning("out of memory in a %s step of %d sequences: failing them", batch.kind,
@@ -437,11 +456,12 @@ class Engine:
                 self._counts["steps"] += 1
                 self._counts["prefill_steps"] += batch.kind != "decode"   # steps carrying prompt chunks
                 self._counts["mixed_steps"] += batch.kind == "mixed"      # ... alongside decode rows
-                sampled, row = {}, 0
+                sampled, logprobs, row = {}, {}, 0
                 for i, samples in enumerate(batch.samples):
                     if samples:
                         if finite[row]:
                             sampled[i] = tokens[row]
+                            logprobs[batch.seqs[i].seq_id] = lps[row]
                         else:
                             seq = batch.seqs[i]
                             self._fail([seq], FloatingPointError(
@@ -451,13 +471,18 @@ class Engine:
                     if tok is not None or seq.status is SeqStatus.FINISHED:
                         if seq.status is SeqStatus.FINISHED:
                             self._counts["finished"] += 1
-                        seq.handle._push(tok, seq.finish_reason if seq.status is SeqStatus.FINISHED else None)
+                            self._counts["errors"] += seq.error is not None
+                        seq.handle._push(tok, seq.finish_reason if seq.status is SeqStatus.FINISHED else None,
+                                         seq.error, logprobs.get(seq.seq_id) if tok is not None else None)
 
     @torch.inference_mode()
-    def _run(self, batch) -> tuple[list[int], list[bool]]:
-        """Forward + sample one step -> (token per sampling row, logits finite per row).
+    def _run(self, batch) -> tuple[list[int], list[bool], list[TokenLogprob | None]]:
+        """Forward + sample one step -> (token, logits finite, logprob or None) per sampling row.
 
-        Hooks run inside inference mode too, so `logits_hook` may edit the logits in place.
+        The sampling pipeline (docs/engine.md): finite check and logprobs on the raw logits,
+        then logit_bias, penalties and min_p (slotserve.kernels.apply_penalties), the grammar
+        mask, and the sampler (greedy rows: argmax of the processed logits). Hooks run inside
+        inference mode too, so `logits_hook` may edit the logits in place.
         """
         if self.step_hook is not None:
             self.step_hook()
@@ -466,9 +491,13 @@ class Engine:
             out = self.logits_hook(logits)
             logits = logits if out is None else out
         if logits.shape[0] == 0:
-            return [], []
+            return [], [], []
         seqs = [s for s, f in zip(batch.seqs, batch.samples) if f]
-        params = [s.handle.params for s in seqs]
+        params = [s.params for s in seqs]
+        # Before any processing: bias, min_p and the mask write -inf on purpose.
+        finite = torch.isfinite(logits).all(-1)
+        raw = self.sampling.raw_for_logprobs(logits, params)            # copy of the rows asking
+        self.sampling.process(logits, seqs, params)                     # in place
         if all(p.temperature == 0 for p in params):
             tok = logits.argmax(-1)  # what `sample` does for temperature 0, without its sorts
         else:
@@ -487,8 +516,10 @@ class Engine:
                 torch.tensor([s.num_output for s in seqs], dtype=torch.int64, device=dev),
                 filtered=filtered,
             )
-        both = torch.stack([tok.long(), torch.isfinite(logits).all(-1).long()]).tolist()  # one host sync
-        return both[0], [bool(x) for x in both[1]]
+        self.sampling.count(seqs, tok)                                  # before the host sync
+        lp = self.sampling.logprobs(raw, tok, params)                   # device tensors or None
+        both = torch.stack([tok.long(), finite.long()]).tolist()        # one host sync
+        return both[0], [bool(x) for x in both[1]], self.sampling.logprobs_list(lp, len(seqs))
 
     def __enter__(self) -> "Engine":
         return self

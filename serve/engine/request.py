@@ -20,6 +20,15 @@ if TYPE_CHECKING:
     from slotserve.engine.engine import Engine
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
+MAX_LOGPROBS = 20                      # top alternatives per token, OpenAI's limit
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The model's log-probability of a sampled token (raw logits: before bias, penalties,
+    grammar mask and temperature) and its `top` alternatives [(id, logprob)], most likely first."""
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 class AdmissionError(ValueError):
@@ -43,6 +52,14 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None            # None = a fresh random seed per request
     ignore_eos: bool = False           # benchmarks: generate exactly max_tokens unless a stop id
+    # Logits processing before the sampler (slotserve.kernels.apply_penalties; docs/engine.md):
+    presence_penalty: float = 0.0      # OpenAI, [-2, 2]; 0 = off
+    frequency_penalty: float = 0.0     # OpenAI, [-2, 2]; 0 = off
+    repetition_penalty: float = 1.0    # HF / vLLM, > 0; 1 = off
+    min_p: float = 0.0                 # [0, 1]; 0 = off (and off for greedy)
+    logit_bias: tuple[tuple[int, float], ...] = ()    # (token id, added to its logit)
+    logprobs: int | None = None        # None = off; else top alternatives per token (0..20)
+    grammar: str | None = None         # llguidance grammar the output must match (slotserve.engine.constraints)
 
     def __post_init__(self):
         if not self.temperature >= 0:
@@ -53,7 +70,19 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be None or in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(v)) for t, v in self.logit_bias))
+
+    @property
+    def penalized(self) -> bool:
+        """Needs the sequence's token counts (a token_state row)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
 class RequestHandle:
@@ -64,6 +93,7 @@ class RequestHandle:
         self.prompt_ids = prompt_ids
         self.params = params
         self.output_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []    # one per output token when params.logprobs is set
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.submitted_at = time.perf_counter()
@@ -75,12 +105,15 @@ class RequestHandle:
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
 
     # --- engine side (called with the engine lock held) --------------------------------
-    def _push(self, token: int | None, finish_reason: str | None = None, error: BaseException | None = None):
+    def _push(self, token: int | None, finish_reason: str | None = None, error: BaseException | None = None,
+              logprob: TokenLogprob | None = None):
         with self._cond:
             if self.finish_reason is not None:
                 return
             now = time.perf_counter()
             if token is not None:
+                if logprob is not None:
+                    self.logprobs.append(logprob)   # before the token: a reader of token i finds its logprob
                 self.output_ids.append(token)
                 if self.first_token_at is None:
                     self.first_token_at = now

@@ -60,6 +60,11 @@ class Sequence:
     cached_prompt_tokens: int | None = None   # prompt tokens its first admission took from the prefix cache
     adapter: int = -1                 # slot in the model's LoraTable (-1: the base model)
     prefix_root: bytes | None = None  # prefix-cache key root: scoped to the adapter (prefix_cache.adapter_root)
+    params: object = None             # the engine's SamplingParams (opaque here)
+    matcher: object = None            # grammar state (slotserve.engine.constraints.Matcher) or None
+    state_row: int = -1               # the engine's token_state row (penalties), -1: none
+    state_fresh: bool = False         # state_row assigned but not built yet (the next step builds it)
+    error: BaseException | None = None   # why postprocess finished it with "error"
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -287,8 +292,15 @@ class Scheduler:
             if tok is not None:
                 seq.token_ids.append(tok)
                 reason = None
-                if tok in seq.stop_ids:
+                m = seq.matcher
+                if m is not None and not m.consume(tok):
+                    # only a bug or a NaN row can sample a token the mask forbade
+                    seq.error = ValueError(f"token {tok} violates the request's grammar: {m.error}")
+                    reason = "error"
+                elif tok in seq.stop_ids:
                     reason = "stop"
+                elif m is not None and m.is_finished():
+                    reason = "stop"     # the output is complete (the mask would allow only EOS now)
                 elif seq.num_output >= seq.max_tokens or len(seq) >= self.max_model_len:
                     reason = "length"
                 if reason is not None:

@@ -65,22 +65,30 @@ class BundleView:
                    system_prompt=_read(path / "prompt" / "system.txt"),
                    sampling=dict(serving.get("sampling") or {}), eos_ids=eos_ids, path=str(path))
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        msgs = [{"role": "system" if m["role"] == "developer" else m["role"],
-                 "content": m["content"]} for m in messages]
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, *,
+                    tools: list[dict] | None = None, template_kwargs: dict | None = None) -> list[int]:
+        """Messages (role, content and, for tool turns, tool_calls / tool_call_id / name) through
+        the bundle's chat template; `tools` and `template_kwargs` become template variables."""
+        msgs = [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages]
         if self.system_prompt:
             if msgs and msgs[0]["role"] == "system":
-                msgs[0] = {"role": "system",
-                           "content": f"{self.system_prompt}\n\n{msgs[0]['content']}"}
+                msgs[0] = {**msgs[0], "content": f"{self.system_prompt}\n\n{msgs[0]['content']}"}
             else:
                 msgs.insert(0, {"role": "system", "content": self.system_prompt})
+        kwargs = dict(template_kwargs or {})
+        if tools is not None:
+            kwargs["tools"] = tools
         try:
             text = self.tokenizer.apply_chat_template(
                 msgs, chat_template=self.chat_template or FALLBACK_TEMPLATE,
-                tokenize=False, add_generation_prompt=add_generation_prompt)
+                tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
         except Exception as exc:  # jinja raise_exception(...) e.g. roles must alternate
             raise PromptError(f"messages do not fit {self.ref}'s chat template: {exc}", "messages") from None
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def reads(self, variable: str) -> bool:
+        """Whether the chat template mentions `variable` (e.g. reasoning_effort)."""
+        return variable in (self.chat_template or "")
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, list):

@@ -83,6 +83,8 @@ class SlotLoader:
         except BaseException:
             engine.close()
             raise
+        if tokenizer is not None:
+            engine.use_tokenizer(tokenizer)   # response_format / forced tool calls compile against it
         injector.install(engine)
         return Slot(name, bundle, engine, tokenizer, faults=faults, injector=injector,
                     seq=next(self._seq), load_s=time.perf_counter() - started)

@@ -23,6 +23,7 @@ from typing import Callable, Mapping
 
 from slotserve.bundles.source import model_weight_files
 from slotserve.engine.kv_cache import BLOCK_SIZE, DEFAULT_MAX_BATCH, pool_tokens
+from slotserve.engine.sampling_state import token_state_bytes
 
 # Bytes per element by safetensors dtype tag and by serving.json / torch dtype name.
 _ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
@@ -77,10 +78,11 @@ class LoadEstimate:
     kv_bytes: int          # KV pool the engine will allocate from serving.json
     headroom_bytes: int    # activations, fragmentation
     shared_bytes: int = 0  # weight bytes already resident in the tensor pool (cost 0)
+    sampler_bytes: int = 0  # the penalties' token counts (slotserve.engine.sampling_state)
 
     @property
     def total_bytes(self) -> int:
-        return self.weight_bytes + self.kv_bytes + self.headroom_bytes
+        return self.weight_bytes + self.kv_bytes + self.headroom_bytes + self.sampler_bytes
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ def plan(need: LoadEstimate, device: DeviceMemory, held: Mapping[str, int],
     `headroom` overrides `need.headroom_bytes` (e.g. a stricter operator setting).
     """
     if headroom is not None:
-        need = LoadEstimate(need.weight_bytes, need.kv_bytes, headroom, need.shared_bytes)
+        need = LoadEstimate(need.weight_bytes, need.kv_bytes, headroom, need.shared_bytes, need.sampler_bytes)
     free = available_bytes(device, held)
     if need.total_bytes > free:
         held_txt = ", ".join(f"{k}={format_size(v)}" for k, v in held.items()) or "none"
@@ -132,7 +134,8 @@ def plan(need: LoadEstimate, device: DeviceMemory, held: Mapping[str, int],
         raise MemoryPlanError(
             f"bundle does not fit on {device.device}: needs {format_size(need.total_bytes)} "
             f"({need.total_bytes} B = weights {format_size(need.weight_bytes)} + KV "
-            f"{format_size(need.kv_bytes)} + headroom {format_size(need.headroom_bytes)}; "
+            f"{format_size(need.kv_bytes)} + sampler {format_size(need.sampler_bytes)} + headroom "
+            f"{format_size(need.headroom_bytes)}; "
             f"{format_size(need.shared_bytes)} of weights already shared) but only "
             f"{format_size(free)} ({free} B) is free ({budget}held by slots: {held_txt}). "
             "Release a slot (load with evict_previous=True drops previous), shrink "
@@ -199,7 +202,9 @@ def estimate(bundle, *, device: str = "cpu", shared: Callable[[str, str], bool] 
     kv = kv_tokens(config, serving, device) * kv_bytes_per_token(config, float_bytes)
     if headroom_bytes is None:
         headroom_bytes = max(HEADROOM_MIN_BYTES, int(HEADROOM_FRACTION * (new + shared_total + kv)))
-    return LoadEstimate(new, kv, headroom_bytes, shared_total)
+    text = config.get("text_config", config)
+    sampler = token_state_bytes(int(serving.get("max_batch") or DEFAULT_MAX_BATCH), int(text.get("vocab_size") or 0))
+    return LoadEstimate(new, kv, headroom_bytes, shared_total, sampler)
 
 
 def kv_bytes_per_token(config: dict, dtype_bytes: int) -> int:

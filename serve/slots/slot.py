@@ -136,6 +136,11 @@ class SlotRequest:
         return self._handle.finish_reason
 
     @property
+    def logprobs(self) -> list:
+        """The engine's TokenLogprob per output token (when the request asked for logprobs)."""
+        return self._handle.logprobs
+
+    @property
     def done(self) -> bool:
         return self._handle.done
 
