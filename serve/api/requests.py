@@ -331,11 +331,10 @@ class ReasonRequest(RequestModel):
 
 # ---------------------------------------------------------------- tokenizer endpoints (vLLM's shapes)
 
-class TokenizeRequest(ApiModel):
+class TokenizeRequest(RequestModel):
     """POST /tokenize: `prompt` (a string, tokenized as /v1/completions does) or `messages`
     (rendered with the bundle's chat template, as /v1/chat/completions does); exactly one."""
 
-    model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1)
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
@@ -343,9 +342,8 @@ class TokenizeRequest(ApiModel):
     add_special_tokens: bool | None = None  # prompt only (default true, as completions tokenize)
 
 
-class DetokenizeRequest(ApiModel):
+class DetokenizeRequest(RequestModel):
     """POST /detokenize: token ids back to text with the bundle's tokenizer."""
 
-    model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1)
     tokens: list[Annotated[int, Field(strict=True, ge=0)]]
