@@ -22,6 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slotserve import SLOT_NAMES
 from slotserve.api.auth import TokenCheck
+from slotserve.bundles.manifest import BundleError
+from slotserve.bundles.ref import parse_ref
 from slotserve.api.errors import APIError, describe_validation_error
 from slotserve.api.handler import Handler
 from slotserve.api.requests import ChatCompletionRequest, CompletionRequest, FeedbackRequest, LoadRequest, ReasonRequest
@@ -31,6 +33,7 @@ from slotserve.replica import Replica
 
 log = logging.getLogger("slotserve.app")
 MAX_BODY_BYTES = 8 << 20
+MAX_JSON_DEPTH = 64      # no request shape nests deeper than a few levels; far deeper is an attack
 LOAD_WAIT_S = 600.0      # loading a candidate on every replica
 SWAP_WAIT_S = 30.0       # promote / rollback / abort: pointer swaps
 
@@ -47,10 +50,29 @@ async def _json_body(request: Request) -> Any:
         raise APIError(413, f"request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
     if not raw.strip():
         raise APIError(400, "request body is empty: send a JSON object")
+    too_deep = APIError(400, f"request body nests JSON more than {MAX_JSON_DEPTH} levels deep")
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(400, f"request body is not valid JSON: {exc}") from None
+    except RecursionError:   # the parser's own limit: nested far deeper than MAX_JSON_DEPTH
+        raise too_deep from None
+    if _depth_over(body, MAX_JSON_DEPTH):
+        raise too_deep
+    return body
+
+
+def _depth_over(value: Any, limit: int) -> bool:
+    """Whether `value` nests lists/objects more than `limit` deep (iterative: a deep body
+    must not exhaust the stack of whatever walks it next, validation included)."""
+    stack = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            if d > limit:
+                return True
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return False
 
 
 def _parse(model, body: Any):
@@ -256,6 +278,10 @@ class AdminRoutes:
     async def load(self, request: Request):
         actor = self._actor(request)
         req = _parse(LoadRequest, await _json_body(request))
+        try:
+            parse_ref(req.bundle)
+        except BundleError as exc:
+            raise APIError(400, str(exc), param="bundle", code="invalid_ref") from None
         return await self._control("load", {"ref": req.bundle, "actor": actor,
                                             "evict_previous": req.evict_previous}, LOAD_WAIT_S)
 

@@ -142,6 +142,16 @@ def rollback(state: DesiredState, rollout: ro.RolloutState | None, now: float, *
     return Transition(why, changes, tuple(rows)), rollout
 
 
+def load_failure(ref: str, errors: list[str]) -> ControlError:
+    """What an admin call answers when loading `ref` failed on replicas (`errors`, one per
+    replica): 422 when the stored bundle failed its digest verification (the bundle, not
+    the server, is at fault: publish it again), 507 when it does not fit, else 500."""
+    status = (422 if any("failed verification" in e for e in errors)
+              else 507 if any("fit" in e for e in errors) else 500)
+    return ControlError(status, f"loading {ref} failed on {len(errors)} replica(s): " + "; ".join(errors),
+                        "load_failed")
+
+
 def _held(r: ReplicaInfo) -> dict[str, dict]:
     """slot -> {"ref", "digest"} of what replica `r` last reported holding (its SlotManager state)."""
     slots = r.slots.get("slots") if isinstance(r.slots, dict) else None
