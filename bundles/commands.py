@@ -75,9 +75,11 @@ def _summary(store, m: Manifest) -> dict[str, Any]:
 def cmd_publish(args: argparse.Namespace) -> int:
     store = _store(args, create=True)
     src_dir, source, parent, index = args.dir, args.source, args.parent, args.retrieval_index
+    contain = None
     if hub.is_hub(src_dir):   # fetch what serving needs; provenance pinned to the resolved commit
         snap = hub.fetch(src_dir)
         src_dir, source = snap.path, source or snap.source
+        contain = snap.path.parent.parent   # the cache's repo dir: snapshots link to its blobs
     elif not Path(src_dir).exists():
         # a published bundle as the base: everything it holds, with the options given here
         # replacing their parts (e.g. --system-prompt: a prompt-only change, same weight blobs)
@@ -91,7 +93,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         src_dir, args.name, actor=args.actor, prompt_template=args.prompt_template,
         retrieval_index=index, serving=args.serving, eval_file=args.eval, reason=args.reason,
         system_prompt=args.system_prompt, version=args.version, source=source,
-        code_commit=args.code_commit, data_version=args.data_version, parent=parent)
+        code_commit=args.code_commit, data_version=args.data_version, parent=parent, contain=contain)
     m = res.manifest
     verb = "published" if res.created else "unchanged (identical content already published as)"
     _emit(args, {"created": res.created, **_summary(store, m), "manifest": m.to_dict()},

@@ -31,6 +31,7 @@ from slotserve.bundles.manifest import (BundleError, FileEntry, Lineage, Manifes
                                         RetrievalIndexRef, check_name, digest_of)
 from slotserve.bundles.registry import BundleRecord, Txn, utc_now
 from slotserve.bundles.source import read_source
+from slotserve.bundles.verification import check_files, raise_problems
 
 if TYPE_CHECKING:
     from slotserve.bundles.store import Store
@@ -89,17 +90,21 @@ class Publisher:
                 eval_file: str | Path | None = None, reason: str = "", *,
                 system_prompt: str | Path | None = None, version: int | None = None,
                 source: str | ModelSource | None = None, code_commit: str | None = None,
-                data_version: str | None = None, parent: str | None = None) -> Published:
+                data_version: str | None = None, parent: str | None = None,
+                contain: str | Path | None = None) -> Published:
         """Publish `src_dir` as `name`'s next version (or `version`, if above the latest);
         content already published under `name` is a no-op (`created` False). Lineage comes
-        from the arguments, else from the bundle `src_dir` was published as, else from git."""
+        from the arguments, else from the bundle `src_dir` was published as, else from git.
+        Symlinks in `src_dir` may point only inside it (or inside `contain`, a hub cache's
+        repo directory); a re-publish re-verifies the stored copy it would answer with."""
         check_name(name)
         actor = actor or default_actor()
         if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
             raise BundleError(f"invalid version {version!r}: a version is an integer >= 1")
         ri = RetrievalIndexRef.parse(retrieval_index) if isinstance(retrieval_index, str) else retrieval_index
         src = read_source(Path(src_dir), prompt_template=prompt_template, system_prompt=system_prompt,
-                          serving=serving, eval_file=eval_file)
+                          serving=serving, eval_file=eval_file,
+                          contain=Path(contain) if contain is not None else None)
         files = {rel: FileEntry(*src.hash(rel)) for rel in src.files}
         content_key = digest_of({"files": {p: e.to_dict() for p, e in sorted(files.items())},
                                  "retrieval_index": None if ri is None else ri.__dict__})
@@ -117,7 +122,7 @@ class Publisher:
 
         early = self.registry.find_content(name, content_key)  # skip the copy for a re-publish
         if early is not None and version in (None, early.version):
-            return Published(self.store.manifest_of(early), False)
+            return Published(self._intact(early), False)
 
         staging = self.root / "tmp" / f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(6)}"
         staging.mkdir()
@@ -139,7 +144,7 @@ class Publisher:
                 again = t.find_content(name, content_key)
                 if again is not None:
                     if version in (None, again.version):
-                        return Published(self.store.manifest_of(again), False)
+                        return Published(self._intact(again), False)
                     raise BundleError(f"identical content is already published as {again.ref}; "
                                       f"it cannot also be {name}:{version}")
                 latest = t.latest(name)
@@ -175,6 +180,17 @@ class Publisher:
             for leftover in (staging, final):
                 if leftover is not None and leftover.exists():
                     _force_rmtree(leftover)
+
+    def _intact(self, rec) -> Manifest:
+        """The manifest of `rec`, the identical content already published, once its stored
+        copy hashed clean: "already published" must not vouch for a corrupted copy."""
+        try:
+            m = self.store.manifest_of(rec)
+            raise_problems(m, check_files(self.store.path_of(rec.name, rec.version), m, cached=False))
+            return m
+        except BundleError as exc:
+            raise BundleError(f"identical content is already published as {rec.ref}, but its stored copy is "
+                              f"damaged: {exc}") from None
 
     def _put_blob(self, src, rel: str, entry: FileEntry) -> Path:
         blob = self.root / "blobs" / "sha256" / entry.sha256
