@@ -218,13 +218,8 @@ class OpenAIRoutes:
                              "slot": slot}, headers=view.headers())
 
     async def healthz(self):
-        replica = self.replica
-        ok, why = replica.ready()
-        body = {"ready": ok, "status": why, "replica": replica.id,
-                "desired_version": replica.desired.version if replica.desired else None,
-                "applied_version": replica.applied,
-                "slots": {s: v.ref for s, v in self.handler.backend.views().items()}}
-        return JSONResponse(body, status_code=200 if ok else 503)
+        body = self.replica.health()     # ready while live serves (docs/serving.md, health)
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
 
 # ---------------------------------------------------------------- admin surface

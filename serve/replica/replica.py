@@ -361,6 +361,27 @@ class Replica:
             return False, "no live bundle"
         return True, "ok"
 
+    def health(self) -> dict:
+        """Readiness for a load balancer (GET /healthz): `ready` is "can answer a request
+        now", true while a live bundle serves, even while a candidate loads, a load was
+        interrupted, or previous failed to load and is being retried (all said in the
+        body). `converged` is the stricter `ready()`: live and previous of the current
+        desired state loaded, which is what the controller waits for.
+        `desired_version` is the newest desired state this replica has heard of."""
+        cur = {s: v.ref for s, v in self.backend.views().items()}
+        converged, why = self.ready()
+        latest = self._latest or self.desired
+        live = cur.get("live")
+        ok = live is not None and latest is not None
+        if ok:
+            status = "ok" if converged else f"serving {live}; {why}"
+        else:
+            status = "waiting for the controller" if latest is None else f"no live bundle loaded: {why}"
+        return {"ready": ok, "status": status, "converged": converged, "replica": self.id,
+                "desired_version": latest.version if latest is not None else None,
+                "applied_version": self.applied, "slots": cur, "loading": self.loading,
+                "error": self.error}
+
     def slot_state(self) -> dict:
         try:
             st = self.mgr.state()
