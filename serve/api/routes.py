@@ -25,11 +25,12 @@ from slotserve.api.auth import TokenCheck
 from slotserve.bundles.manifest import BundleError
 from slotserve.bundles.ref import parse_ref
 from slotserve.api.errors import APIError, describe_validation_error
-from slotserve.api.handler import Handler
+from slotserve.api.handler import Handler, retry_after_s
 from slotserve.api.requests import ChatCompletionRequest, CompletionRequest, FeedbackRequest, LoadRequest, ReasonRequest
 from slotserve.api.response_ids import ResponseIds
 from slotserve.api.responses import ModelCard, ModelList, now
 from slotserve.replica import Replica
+from slotserve.replica.controller_link import ControllerUnavailable
 
 log = logging.getLogger("slotserve.app")
 MAX_BODY_BYTES = 8 << 20
@@ -161,10 +162,13 @@ class OpenAIRoutes:
 
     async def _generate(self, kind: str, model, request: Request):
         handler, replica = self.handler, self.replica
+        cap = replica.settings.max_inflight
+        if handler.inflight >= cap:   # refused before parsing: an overloaded replica answers at once
+            wait = retry_after_s(handler.inflight, cap, handler.latency_s)
+            raise APIError(429, f"replica at capacity ({handler.inflight} requests in flight, about "
+                                f"{handler.latency_s:.1f} s each); retry in {wait} s", code="overloaded",
+                           headers={"Retry-After": str(wait)})
         req = _parse(model, await _json_body(request))
-        if handler.inflight >= replica.settings.max_inflight:
-            raise APIError(429, f"replica at capacity ({handler.inflight} requests in flight); "
-                                "retry shortly", code="overloaded", headers={"Retry-After": "1"})
         ok, why = replica.ready()
         if not ok and not handler.backend.views():
             raise APIError(503, f"not ready: {why}", code="not_ready", headers={"Retry-After": "2"})
@@ -250,8 +254,23 @@ class AdminRoutes:
             raise APIError(401, why, code="unauthorized", headers={"WWW-Authenticate": "Bearer"})
         return request.headers.get("x-slotserve-actor") or "admin-api"
 
+    async def _call(self, method: str, *args):
+        """Call the controller; a restarting one is waited for briefly, then a 503."""
+        ctl = self.replica.controller
+        try:
+            await ctl.wait_ready()
+        except ControllerUnavailable as exc:
+            raise APIError(503, str(exc), code="controller_unavailable", headers={"Retry-After": "2"}) from None
+        try:
+            return await ctl.call(method, *args)
+        except ControllerUnavailable as exc:
+            maybe = "; the change may or may not have been applied: check `slotserve state`" \
+                if method == "admin" else ""
+            raise APIError(503, str(exc) + maybe, code="controller_unavailable",
+                           headers={"Retry-After": "2"}) from None
+
     async def _control(self, op: str, args: dict, wait_s: float):
-        res = await self.replica.controller.call("admin", op, args, wait_s)
+        res = await self._call("admin", op, args, wait_s)
         if "error" in res:
             e = res["error"]
             raise APIError(e["status"], e["message"], code=e.get("code"))
@@ -266,7 +285,7 @@ class AdminRoutes:
 
     async def state(self, request: Request):
         self._actor(request)
-        state = await self.replica.controller.call("admin_state")
+        state = await self._call("admin_state")
         state["answered_by"] = self.replica.id
         return JSONResponse(state)
 
@@ -292,7 +311,7 @@ class AdminRoutes:
 
     async def rollout_status(self, request: Request):
         self._actor(request)
-        return JSONResponse(await self.replica.controller.call("rollout_status"))
+        return JSONResponse(await self._call("rollout_status"))
 
     async def promote(self, request: Request):
         actor = self._actor(request)
@@ -317,4 +336,4 @@ class AdminRoutes:
         self._actor(request)
         if not 1 <= limit <= 10_000:
             raise APIError(400, "limit must be between 1 and 10000", param="limit")
-        return JSONResponse({"entries": await self.replica.controller.call("ledger", limit, bundle)})
+        return JSONResponse({"entries": await self._call("ledger", limit, bundle)})
