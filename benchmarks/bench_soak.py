@@ -195,7 +195,7 @@ def run(args) -> dict:
     replacements = {n: {"end_mb": v} for n, v in rss_end.items() if n not in rss_start}
     return {
         "bench": "soak", "machine": f"{platform.node()} {platform.machine()} ({os.cpu_count()} CPUs)",
-        "note": (f"one VM with {os.cpu_count()} CPU cores shared with other jobs running at the same time "
+        "note": (f"One VM with {os.cpu_count()} CPU cores shared with other jobs running at the same time "
                  "(other engineers' test suites); Ray, the proxy, the controller, the replicas and the "
                  "load generator share them: latencies are contention, not slotserve"),
         "config": {"seconds": args.seconds, "elapsed_s": round(elapsed, 1), "replicas": args.replicas,
