@@ -76,6 +76,7 @@ def _summary(store, m: Manifest) -> dict[str, Any]:
 def cmd_publish(args: argparse.Namespace) -> int:
     store = _store(args, create=True)
     src_dir, source, parent, index = args.dir, args.source, args.parent, args.retrieval_index
+    contain = None
     if args.base is not None:  # src_dir is a LoRA adapter directory; the base supplies the rest
         if not Path(src_dir).is_dir():
             raise BundleError(f"{src_dir} is not a directory; with --base, publish a PEFT adapter directory "
@@ -83,6 +84,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     elif hub.is_hub(src_dir):   # fetch what serving needs; provenance pinned to the resolved commit
         snap = hub.fetch(src_dir)
         src_dir, source = snap.path, source or snap.source
+        contain = snap.path.parent.parent   # the cache's repo dir: snapshots link to its blobs
     elif not Path(src_dir).exists():
         # a published bundle as the base: everything it holds, with the options given here
         # replacing their parts (e.g. --system-prompt: a prompt-only change, same weight blobs)
@@ -96,7 +98,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
         src_dir, args.name, actor=args.actor, prompt_template=args.prompt_template,
         retrieval_index=index, serving=args.serving, eval_file=args.eval, reason=args.reason,
         system_prompt=args.system_prompt, version=args.version, source=source,
-        code_commit=args.code_commit, data_version=args.data_version, parent=parent, base=args.base)
+        code_commit=args.code_commit, data_version=args.data_version, parent=parent, base=args.base,
+        contain=contain)
     m = res.manifest
     verb = "published" if res.created else "unchanged (identical content already published as)"
     _emit(args, {"created": res.created, **_summary(store, m), "manifest": m.to_dict()},

@@ -32,6 +32,7 @@ from slotserve.bundles.manifest import (BundleError, FileEntry, Lineage, Manifes
                                         RetrievalIndexRef, check_name, digest_of)
 from slotserve.bundles.registry import BundleRecord, Txn, utc_now
 from slotserve.bundles.source import read_source
+from slotserve.bundles.verification import check_files, raise_problems
 
 if TYPE_CHECKING:
     from slotserve.bundles.store import Store
@@ -91,10 +92,12 @@ class Publisher:
                 system_prompt: str | Path | None = None, version: int | None = None,
                 source: str | ModelSource | None = None, code_commit: str | None = None,
                 data_version: str | None = None, parent: str | None = None,
-                base: str | None = None) -> Published:
+                base: str | None = None, contain: str | Path | None = None) -> Published:
         """Publish `src_dir` as `name`'s next version (or `version`, if above the latest);
         content already published under `name` is a no-op (`created` False). Lineage comes
         from the arguments, else from the bundle `src_dir` was published as, else from git.
+        Symlinks in `src_dir` may point only inside it (or inside `contain`, a hub cache's
+        repo directory); a re-publish re-verifies the stored copy it would answer with.
 
         With `base` (a ref of a bundle in this store), `src_dir` is a PEFT LoRA adapter
         directory: the version holds the base's files (the same blobs: no bytes copied)
@@ -117,7 +120,8 @@ class Publisher:
             ri = ri or self.store.manifest_of(base_rec).retrieval_index  # inherited unless given
         else:
             src = read_source(Path(src_dir), prompt_template=prompt_template, system_prompt=system_prompt,
-                              serving=serving, eval_file=eval_file)
+                              serving=serving, eval_file=eval_file,
+                              contain=Path(contain) if contain is not None else None)
             if src.origin is not None and src.origin.adapter is not None:
                 adapter = src.origin.adapter  # re-publishing an adapter version
         files = {rel: FileEntry(*src.hash(rel)) for rel in src.files}
@@ -139,7 +143,7 @@ class Publisher:
 
         early = self.registry.find_content(name, content_key)  # skip the copy for a re-publish
         if early is not None and version in (None, early.version):
-            return Published(self.store.manifest_of(early), False)
+            return Published(self._intact(early), False)
 
         staging = self.root / "tmp" / f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(6)}"
         staging.mkdir()
@@ -161,7 +165,7 @@ class Publisher:
                 again = t.find_content(name, content_key)
                 if again is not None:
                     if version in (None, again.version):
-                        return Published(self.store.manifest_of(again), False)
+                        return Published(self._intact(again), False)
                     raise BundleError(f"identical content is already published as {again.ref}; "
                                       f"it cannot also be {name}:{version}")
                 latest = t.latest(name)
@@ -209,6 +213,17 @@ class Publisher:
             raise BundleError(f"base {rec.ref} is itself an adapter version; an adapter's base must be a full "
                               f"model bundle (its base is {self.store.manifest_of(rec).adapter.base_ref})")
         return rec
+
+    def _intact(self, rec) -> Manifest:
+        """The manifest of `rec`, the identical content already published, once its stored
+        copy hashed clean: "already published" must not vouch for a corrupted copy."""
+        try:
+            m = self.store.manifest_of(rec)
+            raise_problems(m, check_files(self.store.path_of(rec.name, rec.version), m, cached=False))
+            return m
+        except BundleError as exc:
+            raise BundleError(f"identical content is already published as {rec.ref}, but its stored copy is "
+                              f"damaged: {exc}") from None
 
     def _put_blob(self, src, rel: str, entry: FileEntry) -> Path:
         blob = self.root / "blobs" / "sha256" / entry.sha256

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from slotserve.bundles.manifest import NAME_RE, BundleError
 
 MIN_DIGEST_PREFIX = 6
+MAX_VERSION = 2 ** 63 - 1     # the registry's SQLite INTEGER: a larger one cannot exist
 VALID_FORMS = "NAME:VERSION, NAME@ALIAS, NAME (latest version) or sha256:HEX (at least 6 hex digits)"
 _DIGEST_RE = re.compile(r"sha256:([0-9a-fA-F]{%d,64})" % MIN_DIGEST_PREFIX)
 
@@ -68,7 +69,10 @@ def parse_ref(text: str | Ref) -> Ref:
             return Ref(name=name, alias=alias)
     elif ":" in s:
         name, _, version = s.partition(":")
-        if NAME_RE.fullmatch(name) and version.isascii() and version.isdigit() and int(version) >= 1:
+        if NAME_RE.fullmatch(name) and version.isascii() and version.isdigit():
+            if len(version) > len(str(MAX_VERSION)) or not 1 <= int(version) <= MAX_VERSION:
+                raise BundleError(f"invalid bundle reference {text!r}: a version is between 1 and "
+                                  f"{MAX_VERSION}; use {VALID_FORMS}")
             return Ref(name=name, version=int(version))
     elif NAME_RE.fullmatch(s):
         return Ref(name=s)

@@ -74,13 +74,21 @@ class Source:
         return io.BytesIO(item) if isinstance(item, bytes) else open(item, "rb")
 
 
-def read_source(src: Path, *, prompt_template=None, system_prompt=None, serving=None, eval_file=None) -> Source:
+def read_source(src: Path, *, prompt_template=None, system_prompt=None, serving=None, eval_file=None,
+                contain: Path | None = None) -> Source:
+    """Check `src` and list what the bundle will hold. Files found in the tree must lie in
+    it, or in `contain` (a hub snapshot links to the cache's blobs beside it): a symlink
+    out of it is refused, so a publish never copies e.g. /etc files into a bundle. Files
+    named explicitly (--system-prompt, --serving, --eval, --prompt-template) are the
+    user's choice and may be anywhere."""
     if not src.is_dir():
         raise BundleError(f"{src} is not a directory; publish a Hugging Face model directory "
                           "(config.json, *.safetensors, tokenizer.json)")
+    root = Path(contain or src).resolve()
     bundle_layout = (src / "model" / "config.json").is_file()
     model_dir = src / "model" if bundle_layout else src
     tok_dir = src / "tokenizer" if bundle_layout else src
+    _in_tree(model_dir / "config.json", root, src)
     config = _read_config(model_dir)
     arch, model_type = _check_architecture(config, model_dir / "config.json")
     files: dict[str, Path | bytes] = {}
@@ -116,9 +124,13 @@ def read_source(src: Path, *, prompt_template=None, system_prompt=None, serving=
 
     for rel, given in (("prompt/system.txt", system_prompt), ("prompt/template.jinja", prompt_template)):
         path = Path(given) if given is not None else src / rel
+        if given is None and path.is_file():
+            _in_tree(path, root, src)
         if given is not None or path.is_file():
             files[rel] = _read_text_file(path, rel).encode("utf-8")
 
+    if serving is None and (src / "serving.json").is_file():
+        _in_tree(src / "serving.json", root, src)
     user_serving = _load_serving(serving if serving is not None else
                                  (src / "serving.json" if (src / "serving.json").is_file() else None))
     norm = normalize_serving(user_serving, config)
@@ -131,9 +143,22 @@ def read_source(src: Path, *, prompt_template=None, system_prompt=None, serving=
 
     ev = Path(eval_file) if eval_file is not None else src / "eval" / "eval.jsonl"
     if eval_file is not None or ev.is_file():
+        if eval_file is None:
+            _in_tree(ev, root, src)
         _check_eval(ev)
         files["eval/eval.jsonl"] = ev
+    for rel, item in files.items():
+        if rel.startswith(("model/", "tokenizer/")) and isinstance(item, Path):
+            _in_tree(item, root, src)
     return Source(src, arch, model_type, config, norm, files, _origin(src) if bundle_layout else None)
+
+
+def _in_tree(path: Path, root: Path, src: Path) -> None:
+    """Refuse `path` (found in the source tree) when it resolves outside `root`."""
+    real = path.resolve()
+    if not real.is_relative_to(root):
+        raise BundleError(f"{path} is a symlink to {real}, outside the source directory {root}; a bundle "
+                          f"holds only files of its source tree: copy the file into {src} instead")
 
 
 def _origin(src: Path) -> Manifest | None:

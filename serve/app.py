@@ -27,9 +27,14 @@ def _replica_id() -> str:
         return uuid.uuid4().hex[:8]
 
 
-# max_ongoing_requests above Settings.max_inflight (256): past our own limit a client
-# gets a 429 with Retry-After rather than waiting in Serve's queue.
-@serve.deployment(name="SlotServe", max_ongoing_requests=384, health_check_period_s=5,
+# Serve's own limit far above Settings.max_inflight (256): Serve then queues nothing in
+# its proxy, every request reaches our admission check, and past our limit a client gets a
+# 429 with Retry-After at once (with Serve at 384, requests past it waited in Serve's queue
+# for a running one to finish: 429s after 16 s under an 800-request burst).
+MAX_ONGOING_REQUESTS = 16384
+
+
+@serve.deployment(name="SlotServe", max_ongoing_requests=MAX_ONGOING_REQUESTS, health_check_period_s=5,
                   health_check_timeout_s=30, graceful_shutdown_timeout_s=20,
                   ray_actor_options={"num_cpus": 0})
 @serve.ingress()

@@ -73,13 +73,32 @@ def test_rollback_during_a_rollout_aborts_it_in_the_same_change(core):
 def test_rollback_with_nothing_to_roll_back_to_changes_nothing(store, request):
     c = ControllerCore(store, app=request.node.name, bundle="demo:1")
     c.load("demo:3", actor="t")
-    c.start_rollout(SPEC, actor="t")
     before, n_rows = c.state, len(c.ledger(100))
     with pytest.raises(ControlError) as ei:
         c.rollback(actor="op")
     assert ei.value.status == 409 and "rollout abort" in ei.value.message
-    assert c.state == before and c.rollout.phase == "running"
+    assert c.state == before
     assert len(c.ledger(100)) == n_rows
+
+
+def test_rollback_during_a_rollout_with_no_previous_aborts_to_the_baseline(store, request):
+    """Issue 14 #10: the candidate carries 100%, not promoted, nothing warm as previous: a
+    rollback brings the baseline live back (aborting the rollout) instead of a 409."""
+    c = ControllerCore(store, app=request.node.name, bundle="demo:1")
+    c.load("demo:3", actor="t")
+    c.start_rollout({**SPEC, "steps": [100]}, actor="t")
+    assert c.state.weights == {"live": 0.0, "candidate": 100.0} and c.state.previous is None
+    v = c.state.version
+    c.rollback(actor="op", reason="demo:3 answers badly")
+    s = c.state
+    assert s.version == v + 1
+    assert (s.live.ref, s.previous) == ("demo:1", None)
+    assert _released(s) == (None, {"live": 100.0}, 0.0, False)
+    assert c.rollout.phase == "aborted" == s.rollout_phase
+    assert "aborted" in s.reason and "baseline demo:1" in s.reason      # what the API answers with
+    row = [e for e in c.ledger(10) if e["action"] != "alias"][0]
+    assert (row["action"], row["bundle"], row["to_ref"], row["actor"]) == ("abort", "demo:3", "demo:1", "op")
+    assert "no previous warm" in row["reason"] and "baseline demo:1" in row["reason"]
 
 
 def test_manual_and_automatic_rollback_release_the_candidate_alike(core, store, request):
@@ -115,3 +134,54 @@ def test_rollback_decision_is_pure():
     with pytest.raises(ControlError) as ei:
         rollback_transition(DesiredState(live=two, candidate=three), None, 10.0, reason="", trigger="manual")
     assert ei.value.code == "no_previous" and "rollout abort" in ei.value.message
+
+
+def _slots(**held) -> dict:
+    """A replica's reported SlotManager state holding `held` (slot -> SlotRef)."""
+    return {"slots": {n: {"ref": r.ref, "digest": r.digest, "tier": "device"} for n, r in held.items()}}
+
+
+def test_warm_check_is_pure():
+    """Issue 14 #1: a change whose new live a serving replica does not hold is refused, naming
+    the replica and what it holds; a replica still starting (no live yet) does not block."""
+    from slotserve.control.state import ReplicaInfo
+    from slotserve.control.transitions import check_warm
+    one, two = SlotRef("demo:1", "sha256:1"), SlotRef("demo:2", "sha256:2")
+    ok = ReplicaInfo("r-ok", slots=_slots(live=two, previous=one))
+    starting = ReplicaInfo("r-new", slots=_slots())
+    broken = ReplicaInfo("r-bad", slots=_slots(live=two), loading="previous: demo:1",
+                         error={"version": 4, "message": "BundleError: digest mismatch"})
+    check_warm(one, [ok, starting], "rollback")
+    check_warm(None, [broken], "rollback")
+    with pytest.raises(ControlError) as ei:
+        check_warm(one, [ok, broken, starting], "rollback")
+    e = ei.value
+    assert (e.status, e.code) == (409, "not_warm")
+    assert "replica r-bad" in e.message and "demo:1" in e.message and "previous empty" in e.message
+    assert "digest mismatch" in e.message and "nothing changed" in e.message
+
+
+def test_rollback_and_promote_refused_when_a_replica_lacks_the_new_live(core, request):
+    """Fed by replica reports as the controller gets them: the state is unchanged, no ledger row."""
+    live, prev = core.state.live, core.state.previous
+    core.report("r1", {"applied": core.state.version, "ready": True, "slots": _slots(live=live, previous=prev)})
+    core.report("r2", {"applied": -1, "ready": False, "slots": _slots(live=live),
+                       "error": {"version": core.state.version, "message": "digest mismatch in weights"}})
+    before, rows = core.state, len(core.ledger(100))
+    with pytest.raises(ControlError) as ei:
+        core.rollback(actor="op")
+    assert ei.value.status == 409 and "replica r2" in ei.value.message and "digest mismatch" in ei.value.message
+    assert core.state == before and len(core.ledger(100)) == rows
+    core.report("r2", {"slots": _slots(live=live, previous=prev), "error": None})     # the retry worked
+    core.rollback(actor="op")
+    assert core.state.live == prev
+
+    core.load("demo:3", actor="t")
+    cand = core.state.candidate
+    core.report("r1", {"slots": _slots(live=prev, previous=live, candidate=cand)})
+    core.report("r2", {"slots": _slots(live=prev, previous=live)})
+    before = core.state
+    with pytest.raises(ControlError) as ei:
+        core.promote(actor="op")
+    assert "replica r2" in ei.value.message and "candidate empty" in ei.value.message
+    assert core.state == before

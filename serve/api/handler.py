@@ -28,6 +28,7 @@ from it (`Run`) in slotserve.api.response. A replica's eval gate runs its items 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import replace
 from typing import Any, AsyncIterator, Callable, Mapping, Protocol
@@ -59,6 +60,18 @@ class Backend(Protocol):
     async def generate(self, slot: str, prompt_ids: list[int], params: dict) -> GenerationHandle: ...
 
 
+LATENCY_EWMA = 0.1        # weight of the newest finished request in the mean latency
+RETRY_AFTER_MAX_S = 60
+
+
+def retry_after_s(inflight: int, capacity: int, latency_s: float) -> int:
+    """Seconds a refused client should wait (the 429's Retry-After): the `inflight`
+    requests ahead drain `capacity` at a time, each taking about `latency_s`; at least 1,
+    at most RETRY_AFTER_MAX_S."""
+    rounds = max(inflight, 1) / max(capacity, 1)
+    return int(min(RETRY_AFTER_MAX_S, max(1, math.ceil(rounds * max(latency_s, 0.0)))))
+
+
 # ---------------------------------------------------------------- the handler
 
 class Handler:
@@ -71,6 +84,7 @@ class Handler:
         self.observe = observe or (lambda outcome: None)
         self.on_shadow = on_shadow or (lambda diff, view: None)
         self.inflight = 0
+        self.latency_s = 1.0                  # mean of finished requests (EWMA): sizes Retry-After
         self._shadow_tasks: set[asyncio.Task] = set()
 
     # -- names and routing
@@ -219,6 +233,8 @@ class Handler:
             greedy=p.params["temperature"] == 0, cancelled=cancelled))
 
     def _observe(self, outcome: Outcome):
+        if outcome.ok and outcome.kind in ("chat", "completion"):
+            self.latency_s += LATENCY_EWMA * (outcome.latency_s - self.latency_s)
         try:
             self.observe(outcome)
         except Exception:  # metrics must never fail a request

@@ -23,8 +23,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from slotserve import SLOT_NAMES, __version__
 from slotserve.api import choices
 from slotserve.api.auth import TokenCheck
+from slotserve.bundles.manifest import BundleError
+from slotserve.bundles.ref import parse_ref
 from slotserve.api.errors import APIError, describe_validation_error
-from slotserve.api.handler import Handler
+from slotserve.api.handler import Handler, retry_after_s
 from slotserve.api.requests import ChatCompletionRequest, CompletionRequest, FeedbackRequest, LoadRequest, ReasonRequest
 from slotserve.api.requests import DetokenizeRequest, TokenizeRequest
 from slotserve.api.response_ids import ResponseIds
@@ -33,9 +35,11 @@ from slotserve.api.responses import DetokenizeResponse, TokenizeResponse, Versio
 from slotserve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from slotserve.replica import BundleView, Replica
 from slotserve.replica.bundle_view import PromptError
+from slotserve.replica.controller_link import ControllerUnavailable
 
 log = logging.getLogger("slotserve.app")
 MAX_BODY_BYTES = 8 << 20
+MAX_JSON_DEPTH = 64      # no request shape nests deeper than a few levels; far deeper is an attack
 LOAD_WAIT_S = 600.0      # loading a candidate on every replica
 SWAP_WAIT_S = 30.0       # promote / rollback / abort: pointer swaps
 
@@ -62,10 +66,29 @@ async def _json_body(request: Request) -> Any:
         raise APIError(413, f"request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
     if not raw.strip():
         raise APIError(400, "request body is empty: send a JSON object")
+    too_deep = APIError(400, f"request body nests JSON more than {MAX_JSON_DEPTH} levels deep")
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(400, f"request body is not valid JSON: {exc}") from None
+    except RecursionError:   # the parser's own limit: nested far deeper than MAX_JSON_DEPTH
+        raise too_deep from None
+    if _depth_over(body, MAX_JSON_DEPTH):
+        raise too_deep
+    return body
+
+
+def _depth_over(value: Any, limit: int) -> bool:
+    """Whether `value` nests lists/objects more than `limit` deep (iterative: a deep body
+    must not exhaust the stack of whatever walks it next, validation included)."""
+    stack = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            if d > limit:
+                return True
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return False
 
 
 def _parse(model, body: Any):
@@ -156,10 +179,13 @@ class OpenAIRoutes:
 
     async def _generate(self, kind: str, model, request: Request):
         handler, replica = self.handler, self.replica
+        cap = replica.settings.max_inflight
+        if handler.inflight >= cap:   # refused before parsing: an overloaded replica answers at once
+            wait = retry_after_s(handler.inflight, cap, handler.latency_s)
+            raise APIError(429, f"replica at capacity ({handler.inflight} requests in flight, about "
+                                f"{handler.latency_s:.1f} s each); retry in {wait} s", code="overloaded",
+                           headers={"Retry-After": str(wait)})
         req = _parse(model, await _json_body(request))
-        if handler.inflight >= replica.settings.max_inflight:
-            raise APIError(429, f"replica at capacity ({handler.inflight} requests in flight); "
-                                "retry shortly", code="overloaded", headers={"Retry-After": "1"})
         ok, why = replica.ready()
         if not ok and not handler.backend.views():
             raise APIError(503, f"not ready: {why}", code="not_ready", headers={"Retry-After": "2"})
@@ -223,13 +249,8 @@ class OpenAIRoutes:
                              "slot": slot}, headers=view.headers())
 
     async def healthz(self):
-        replica = self.replica
-        ok, why = replica.ready()
-        body = {"ready": ok, "status": why, "replica": replica.id,
-                "desired_version": replica.desired.version if replica.desired else None,
-                "applied_version": replica.applied,
-                "slots": {s: v.ref for s, v in self.handler.backend.views().items()}}
-        return JSONResponse(body, status_code=200 if ok else 503)
+        body = self.replica.health()     # ready while live serves (docs/serving.md, health)
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
 
 # ---------------------------------------------------------------- admin surface
@@ -260,8 +281,23 @@ class AdminRoutes:
             raise APIError(401, why, code="unauthorized", headers={"WWW-Authenticate": "Bearer"})
         return request.headers.get("x-slotserve-actor") or "admin-api"
 
+    async def _call(self, method: str, *args):
+        """Call the controller; a restarting one is waited for briefly, then a 503."""
+        ctl = self.replica.controller
+        try:
+            await ctl.wait_ready()
+        except ControllerUnavailable as exc:
+            raise APIError(503, str(exc), code="controller_unavailable", headers={"Retry-After": "2"}) from None
+        try:
+            return await ctl.call(method, *args)
+        except ControllerUnavailable as exc:
+            maybe = "; the change may or may not have been applied: check `slotserve state`" \
+                if method == "admin" else ""
+            raise APIError(503, str(exc) + maybe, code="controller_unavailable",
+                           headers={"Retry-After": "2"}) from None
+
     async def _control(self, op: str, args: dict, wait_s: float):
-        res = await self.replica.controller.call("admin", op, args, wait_s)
+        res = await self._call("admin", op, args, wait_s)
         if "error" in res:
             e = res["error"]
             raise APIError(e["status"], e["message"], code=e.get("code"))
@@ -276,13 +312,17 @@ class AdminRoutes:
 
     async def state(self, request: Request):
         self._actor(request)
-        state = await self.replica.controller.call("admin_state")
+        state = await self._call("admin_state")
         state["answered_by"] = self.replica.id
         return JSONResponse(state)
 
     async def load(self, request: Request):
         actor = self._actor(request)
         req = _parse(LoadRequest, await _json_body(request))
+        try:
+            parse_ref(req.bundle)
+        except BundleError as exc:
+            raise APIError(400, str(exc), param="bundle", code="invalid_ref") from None
         return await self._control("load", {"ref": req.bundle, "actor": actor,
                                             "evict_previous": req.evict_previous}, LOAD_WAIT_S)
 
@@ -298,7 +338,7 @@ class AdminRoutes:
 
     async def rollout_status(self, request: Request):
         self._actor(request)
-        return JSONResponse(await self.replica.controller.call("rollout_status"))
+        return JSONResponse(await self._call("rollout_status"))
 
     async def promote(self, request: Request):
         actor = self._actor(request)
@@ -323,7 +363,7 @@ class AdminRoutes:
         self._actor(request)
         if not 1 <= limit <= 10_000:
             raise APIError(400, "limit must be between 1 and 10000", param="limit")
-        return JSONResponse({"entries": await self.replica.controller.call("ledger", limit, bundle)})
+        return JSONResponse({"entries": await self._call("ledger", limit, bundle)})
 
 
 # ---------------------------------------------------------------- liveness, version, tokenizer, metrics

@@ -197,7 +197,9 @@ def _swap(path: str, verb: str):
         def go():
             data = call(args, "POST", path, {"reason": getattr(args, "reason", "")} if hasattr(args, "reason") else None)
             if not args.json:
-                print(f"{verb}: {_summary(data)}")
+                # a rollback with no previous warm aborts a rollout to its baseline: say so
+                why = data.get("state", {}).get("reason", "")
+                print(f"{why if 'baseline' in why else verb}: {_summary(data)}")
             return data
         return _run(args, go)
     return cmd

@@ -21,7 +21,7 @@ import time
 
 from slotserve.control.core import ControllerCore
 from slotserve.control.state import HEARTBEAT_S
-from slotserve.control.transitions import ControlError
+from slotserve.control.transitions import ControlError, load_failure
 from slotserve.rollout.spec import RolloutSpec, SpecError
 
 
@@ -202,9 +202,7 @@ class SlotController:
             if errors and load_ref:
                 released = self.core.unload_failed(load_ref, errors)
                 self._notify()
-                failure = ControlError(507 if any("fit" in e for e in errors) else 500,
-                                       f"loading {load_ref} failed on {len(errors)} replica(s): "
-                                       + "; ".join(errors), "load_failed")
+                failure = load_failure(load_ref, errors)
                 self._load_failures[load_ref] = (released.version, failure)
                 raise failure
             if done or errors or time.perf_counter() > deadline:

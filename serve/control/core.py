@@ -162,6 +162,9 @@ class ControllerCore:
     def load(self, ref: str, *, actor: str, evict_previous: bool = False) -> DesiredState:
         self._refuse_during_rollout()
         rec = self.resolve(ref)
+        # a load never changes live; it is refused while a replica lacks the live it has to
+        # keep serving beside the candidate (a load there would compete with its retry)
+        tr.check_warm(self.state.live, self.replicas.recent(), f"load of {rec.ref}")
         return self._commit(tr.load(self.state, SlotRef(rec.ref, rec.digest), actor=actor,
                                     evict_previous=evict_previous), actor)
 
@@ -170,6 +173,7 @@ class ControllerCore:
         return self._set(f"load of {ref} failed", **released())
 
     def promote(self, *, actor: str, reason: str = "") -> DesiredState:
+        tr.check_warm(self.state.candidate, self.replicas.recent(), "promote")
         if self.rollout is not None and self.rollout.active:
             self.rollout, events = ro.promote(self.rollout, self.clock(), f"{reason} (by {actor})".strip())
             self._apply_events(events, actor=actor)
@@ -181,8 +185,10 @@ class ControllerCore:
         """previous -> live (the old live is kept warm as previous: rolling forward again
         is the same O(1) swap); the candidate is released and an active rollout aborted,
         in the same change (`slotserve.control.transitions.rollback`)."""
-        t, self.rollout = tr.rollback(self.state, self.rollout, self.clock(), reason=reason,
-                                      trigger=trigger, metrics=metrics)
+        t, rollout = tr.rollback(self.state, self.rollout, self.clock(), reason=reason,
+                                 trigger=trigger, metrics=metrics)
+        tr.check_warm(t.changes.get("live"), self.replicas.recent(), "rollback")
+        self.rollout = rollout
         self.on_rollback(trigger)
         return self._commit(t, actor)
 

@@ -37,6 +37,12 @@ class ReplicaTracker:
             del self.replicas[rid]
         return list(self.replicas.values())
 
+    def recent(self) -> list[ReplicaInfo]:
+        """Replicas heard from within CONVERGE_TTL_S: the ones serving now (a killed one
+        drops out of this long before REPLICA_TTL_S forgets it)."""
+        now = self.clock()
+        return [r for r in self.active() if now - r.seen <= CONVERGE_TTL_S]
+
     def convergence(self, version: int, loaded: bool = True) -> tuple[bool, list[str]]:
         """(all serving replicas applied `version`, errors reported for it). With
         loaded=False a replica still loading a candidate counts once it routes as

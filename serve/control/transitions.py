@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from slotserve.control.state import DesiredState, SlotRef
+from slotserve.control.state import DesiredState, ReplicaInfo, SlotRef
 from slotserve.rollout import machine as ro
 
 
@@ -111,9 +111,19 @@ def rollback(state: DesiredState, rollout: ro.RolloutState | None, now: float, *
     restarted one included) would load it again. Without a warm previous it is refused
     and nothing changes. Returns the transition and the (aborted) rollout."""
     active = rollout is not None and rollout.active
+    if state.previous is None and active and state.live is not None:
+        # The rollout's baseline is still live (a rollout promotes only at its end): what
+        # an on-call engineer pressing rollback wants back is exactly that, so the rollout
+        # is aborted to it in this one change rather than refused.
+        why = (f"rollback with no previous warm: rollout of {rollout.candidate} aborted, "
+               f"all traffic back to the baseline {state.live.ref}" + (f": {reason}" if reason else ""))
+        rollout, _ = ro.abort(rollout, why, now)
+        return Transition(why, {**released(), "rollout_phase": rollout.phase,
+                                "window_epoch": state.window_epoch + 1},
+                          (LedgerRow("abort", rollout.candidate, from_=rollout.candidate, to=state.live.ref,
+                                     reason=why, metrics={"trigger": trigger, **(metrics or {})}),)), rollout
     if state.previous is None:
-        hint = (f"; to stop the rollout of {rollout.candidate} use `slotserve rollout abort`" if active
-                else f"; to release the staged {state.candidate.ref} use `slotserve rollout abort`"
+        hint = (f"; to release the staged {state.candidate.ref} use `slotserve rollout abort`"
                 if state.candidate else "")
         raise ControlError(409, "nothing to roll back to: no previous bundle is warm" + hint, "no_previous")
     old, new = state.live, state.previous
@@ -130,6 +140,45 @@ def rollback(state: DesiredState, rollout: ro.RolloutState | None, now: float, *
     rows.append(LedgerRow("rollback", new.ref, from_=old.ref if old else None, to=new.ref,
                           reason=reason or trigger, metrics={"trigger": trigger, **(metrics or {})}))
     return Transition(why, changes, tuple(rows)), rollout
+
+
+def load_failure(ref: str, errors: list[str]) -> ControlError:
+    """What an admin call answers when loading `ref` failed on replicas (`errors`, one per
+    replica): 422 when the stored bundle failed its digest verification (the bundle, not
+    the server, is at fault: publish it again), 507 when it does not fit, else 500."""
+    status = (422 if any("failed verification" in e for e in errors)
+              else 507 if any("fit" in e for e in errors) else 500)
+    return ControlError(status, f"loading {ref} failed on {len(errors)} replica(s): " + "; ".join(errors),
+                        "load_failed")
+
+
+def _held(r: ReplicaInfo) -> dict[str, dict]:
+    """slot -> {"ref", "digest"} of what replica `r` last reported holding (its SlotManager state)."""
+    slots = r.slots.get("slots") if isinstance(r.slots, dict) else None
+    return {n: i for n, i in (slots or {}).items() if isinstance(i, dict) and i.get("digest")}
+
+
+def check_warm(new_live: SlotRef | None, replicas: list[ReplicaInfo], what: str) -> None:
+    """Refuse (409, before anything changes) a change that makes `new_live` live while a
+    serving replica does not hold it in any slot: that replica would have no loaded live
+    to answer with once it swaps (a rollback or promote is a pointer swap only when the
+    bundle is already there). `replicas`: those heard from recently, as they reported.
+    A replica that holds no live yet is still starting: it loads whatever the state says."""
+    if new_live is None:
+        return
+    for r in sorted(replicas, key=lambda r: r.id):
+        held = _held(r)
+        if "live" not in held or any(i["digest"] == new_live.digest for i in held.values()):
+            continue
+        why = ", ".join(f"{n} " + (held[n].get("ref") or held[n]["digest"][:12] if n in held else "empty")
+                        for n in ("live", "previous", "candidate"))
+        if r.loading:
+            why += f"; loading {r.loading}"
+        if r.error:
+            why += f"; last error: {r.error.get('message')}"
+        raise ControlError(409, f"{what} refused, nothing changed: replica {r.id} does not hold "
+                                f"{new_live.ref} loaded (slots: {why}), so it would have no live "
+                                f"to answer with", "not_warm")
 
 
 def rollout_event(ev: ro.Event, rollout: ro.RolloutState, state: DesiredState) -> Transition | None:

@@ -52,6 +52,14 @@ from slotserve.slots import LoadAborted
 log = logging.getLogger("slotserve.replica")
 
 METRICS_WAIT_S = 2.0   # a scrape waits this long for the other replicas' snapshots
+RETRY_FIRST_S = 0.5     # a failed apply (a bundle that did not load) is retried after this,
+RETRY_CAP_S = 30.0      # doubling each time up to this: a fixed file is picked up by itself
+
+
+def retry_delay(failures: int, first: float = RETRY_FIRST_S, cap: float = RETRY_CAP_S) -> float:
+    """Seconds to wait before retrying after `failures` failed attempts in a row (>= 1):
+    first, 2*first, 4*first, ... capped at `cap`."""
+    return min(cap, first * 2 ** min(max(failures, 1) - 1, 30))
 
 
 class Replica:
@@ -80,6 +88,8 @@ class Replica:
         self.routed = -1                             # live/previous/weights in effect
         self.error: dict | None = None
         self.loading: str | None = None
+        self._failures = 0                           # failed applies in a row (retry backoff)
+        self._retry_at: float | None = None          # loop time of the next retry, after a failure
         self._tasks: list[asyncio.Task] = []
         self._wake = asyncio.Event()
         self._stopped = False
@@ -118,8 +128,12 @@ class Replica:
         while not self._stopped:
             try:
                 known = self._latest.version if self._latest else -1
-                d = DesiredState.from_dict(await self.controller.call("watch", known, HEARTBEAT_S))
+                wait = HEARTBEAT_S
+                if self._retry_at is not None:
+                    wait = min(wait, max(0.0, self._retry_at - asyncio.get_running_loop().time()))
+                d = DesiredState.from_dict(await self.controller.call("watch", known, wait))
                 if d.version == known:
+                    self._maybe_retry()
                     continue
                 self._latest = d
                 if self._applying is not None and not self._applying.done():
@@ -134,6 +148,18 @@ class Replica:
             except Exception as exc:  # controller restarting: retry, keep serving
                 log.warning("watch failed: %s", exc)
                 await asyncio.sleep(0.5)
+
+    def _maybe_retry(self) -> None:
+        """Apply the desired state again once the backoff after a failed apply ran out
+        (nothing else would: the controller sends no new version for it)."""
+        if self._retry_at is None or asyncio.get_running_loop().time() < self._retry_at:
+            return
+        if self._latest is None or (self._applying is not None and not self._applying.done()):
+            self._retry_at = asyncio.get_running_loop().time() + RETRY_FIRST_S   # after that apply
+            return
+        self._retry_at = None
+        log.info("retrying desired state v%s after %d failed attempt(s)", self._latest.version, self._failures)
+        self._applying = asyncio.get_running_loop().create_task(self.apply(self._latest, retry=True))
 
     async def _report_loop(self) -> None:
         while not self._stopped:
@@ -235,13 +261,14 @@ class Replica:
         cur = self.backend.digests()
         return all(cur.get(s) == (d.slot(s).digest if d.slot(s) else None) for s in ("live", "previous"))
 
-    async def apply(self, d: DesiredState) -> None:
+    async def apply(self, d: DesiredState, retry: bool = False) -> None:
         """Make the slots match `d`; route by its weights. Idempotent.
 
         Routing changes first (restricted to slots that hold a bundle), then slot
         operations, then routing again: a candidate is never released while new
-        requests are still being routed to it."""
-        if self.error and self.error.get("version") == d.version:
+        requests are still being routed to it. What failed to load leaves what serves
+        in place; it is reported (`error`) and retried with capped backoff (`retry`)."""
+        if self.error and self.error.get("version") == d.version and not retry:
             return
         self._route(d)
         superseded = False
@@ -266,6 +293,12 @@ class Replica:
         if self.error is None and not superseded:
             self.applied = d.version
             self.routed = max(self.routed, d.version)
+            self._failures, self._retry_at = 0, None
+        elif self.error is not None:
+            self._failures += 1
+            delay = retry_delay(self._failures)
+            self._retry_at = asyncio.get_running_loop().time() + delay
+            self.error["retry_in_s"] = delay
         newest = self._latest if self._latest is not None and self._latest.version > d.version else d
         self._route(newest)
         if d.safety is not None or self.outbox.safety is None:
@@ -342,6 +375,27 @@ class Replica:
         if "live" not in cur:
             return False, "no live bundle"
         return True, "ok"
+
+    def health(self) -> dict:
+        """Readiness for a load balancer (GET /healthz): `ready` is "can answer a request
+        now", true while a live bundle serves, even while a candidate loads, a load was
+        interrupted, or previous failed to load and is being retried (all said in the
+        body). `converged` is the stricter `ready()`: live and previous of the current
+        desired state loaded, which is what the controller waits for.
+        `desired_version` is the newest desired state this replica has heard of."""
+        cur = {s: v.ref for s, v in self.backend.views().items()}
+        converged, why = self.ready()
+        latest = self._latest or self.desired
+        live = cur.get("live")
+        ok = live is not None and latest is not None
+        if ok:
+            status = "ok" if converged else f"serving {live}; {why}"
+        else:
+            status = "waiting for the controller" if latest is None else f"no live bundle loaded: {why}"
+        return {"ready": ok, "status": status, "converged": converged, "replica": self.id,
+                "desired_version": latest.version if latest is not None else None,
+                "applied_version": self.applied, "slots": cur, "loading": self.loading,
+                "error": self.error}
 
     def slot_state(self) -> dict:
         try:
