@@ -65,12 +65,14 @@ def test_health_is_liveness_without_token_or_model(app):
     r = app.get("/health")
     assert r.status_code == 200 and r.json() == {"status": "ok", "replica": "r1"}
     # alive is not ready: /health stays 200 while /healthz says 503 (a replica loading)
-    desired, app.replica.desired = app.replica.desired, None
+    rep = app.replica
+    saved = rep.desired, rep._latest
+    rep.desired = rep._latest = None          # as before the controller's first answer
     try:
         assert app.get("/healthz").status_code == 503
         assert app.get("/health").status_code == 200
     finally:
-        app.replica.desired = desired
+        rep.desired, rep._latest = saved
 
 
 def test_version_names_slotserve_and_the_live_bundle(app):
