@@ -3,7 +3,8 @@ Ray): a canary between two adapter versions of one base runs behind the eval gat
 engine (the candidate joins live's engine; both versions answer from it), guards roll back
 a failing adapter version with no client failure and leave the base engine serving, shadow
 traffic between an adapter version and its plain base is compared, feedback on an adapter
-version's answer is counted. Nothing here knows about adapters but the asserts: the slot
+version's answer is counted, and `slotserve drill` rehearses a rollback on an adapter version
+live. Nothing here knows about adapters but the asserts: the slot
 abstraction (engine, adapter) is what the rollout machinery drives unchanged."""
 
 from __future__ import annotations
@@ -171,3 +172,35 @@ def test_shadow_between_an_adapter_version_and_its_plain_base(store):
             assert all(code == 200 for code, *_ in results) and all(b == "bot:1" for _, b, _ in results)
             assert (await c.post("/admin/rollout/abort", json={"reason": "done"}, headers=AUTH)).status_code == 200
     asyncio.run(go())
+
+
+def test_drill_on_an_adapter_version(tmp_path, capsys):
+    """`slotserve drill --url` against a deployment whose live is an adapter version: the drill
+    publishes live again with faults (an adapter version on the same base, by digest), rolls
+    it out and sees it rolled back with no failed request."""
+    import json
+
+    import httpx as sync_httpx
+
+    from slotserve.cli import main
+    from slotserve.drill.server import LocalServer
+
+    with LocalServer(str(tmp_path / "home"), real=False) as srv:
+        store = Store(srv.root)
+        base = store.manifest(srv.live)
+        ad = build_demo_adapter(store.path_of(base.name, base.version) / "model", tmp_path / "ad", seed=4, std=0.3)
+        m = store.publish(ad, base.name, base=srv.live)                  # demo:2, an adapter version
+        h = {"authorization": f"Bearer {srv.token}"}
+        assert sync_httpx.post(f"{srv.url}/admin/load", json={"bundle": m.ref}, headers=h, timeout=60).status_code == 200
+        assert sync_httpx.post(f"{srv.url}/admin/rollout/promote", json={"reason": "t"}, headers=h,
+                               timeout=60).status_code == 200
+        rc = main(["drill", "--url", srv.url, "--token", srv.token, "--store", str(srv.root),
+                   "--fault", "error_rate=0.5", "--percent", "50", "--concurrency", "3", "--duration", "60",
+                   "--baseline", "2", "--settle", "2", "--json"])
+        rep = json.loads(capsys.readouterr().out)
+        assert rc == 0, (rep["problems"], rep["warnings"])
+        assert rep["passed"] and rep["outcome"] == "rolled_back" and rep["figures"]["failed_requests"] == 0
+        faulty = store.manifest(f"{base.name}:3")
+        assert faulty.adapter is not None and faulty.adapter.base == base.digest and faulty.has_faults
+        state = sync_httpx.get(f"{srv.url}/admin/state", headers=h, timeout=60).json()
+        assert state["desired"]["live"]["ref"] == m.ref
