@@ -59,7 +59,7 @@ async def serving(store, app, bundle="bot:1"):
         rep.mgr.close()
 
 
-async def run_until(c, done, model="bot", timeout=90):
+async def run_until(c, done, model="bot", timeout=300):
     """Four clients send chat requests until `done(rollout status)`; -> (results, last status)."""
     results, state, t0 = [], {}, time.time()
 
