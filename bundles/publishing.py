@@ -123,7 +123,12 @@ class Publisher:
                               serving=serving, eval_file=eval_file,
                               contain=Path(contain) if contain is not None else None)
             if src.origin is not None and src.origin.adapter is not None:
-                adapter = src.origin.adapter  # re-publishing an adapter version
+                adapter = src.origin.adapter  # re-publishing an adapter version: its base must be here too
+                if not any(m.digest == adapter.base for m in self.store.list()):
+                    raise BundleError(f"{src_dir} is a LoRA adapter version on base {adapter.base} (published as "
+                                      f"{adapter.base_ref}), which is not in the store at {self.root}; publish "
+                                      f"its adapter directory ({Path(src_dir) / 'adapter'}) with --base NAME:VERSION "
+                                      "of a base in this store")
         files = {rel: FileEntry(*src.hash(rel)) for rel in src.files}
         content_key = digest_of({"files": {p: e.to_dict() for p, e in sorted(files.items())},
                                  "retrieval_index": None if ri is None else ri.__dict__,
