@@ -128,9 +128,10 @@ class Engine:
                            model_impl=model_impl, enable_prefix_caching=enable_prefix_caching)
 
     # ------------------------------------------------------------------------------ requests
-    def use_tokenizer(self, tokenizer) -> None:
-        """The tokenizer `params.grammar` is compiled against (the slot loader sets the bundle's)."""
-        self.sampling.use_tokenizer(tokenizer)
+    def use_tokenizer(self, tokenizer, *, prebuild: bool = True) -> None:
+        """The tokenizer `params.grammar` is compiled against (the slot loader sets the bundle's);
+        its grammar masker is built on a background thread unless `prebuild` is False."""
+        self.sampling.use_tokenizer(tokenizer, prebuild=prebuild)
 
     def submit(self, prompt_ids, params: SamplingParams | None = None) -> RequestHandle:
         """Queue one request (thread-safe). Raises AdmissionError if it can never be served,
