@@ -337,6 +337,7 @@ class Engine:
         kv_bytes = 0
         with self._cond:   # the prefix cache's keys name K/V in the pool dropped below
             self.scheduler.clear_prefix_cache()
+            self.sampling.drop()
         if self.kv is not None:
             kv_bytes = self.kv.nbytes
             self.kv.release()

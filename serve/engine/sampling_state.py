@@ -96,6 +96,11 @@ class SamplingState:
                 seq.state_row = self._free_rows.pop()   # running <= max_batch, so one is free
                 seq.state_fresh = True
 
+    def drop(self) -> None:
+        """Free the token counts (parking: no sequence is running); the next penalty reallocates."""
+        self.token_state = None
+        self._free_rows = list(range(self.max_batch - 1, -1, -1))
+
     def release_row(self, seq) -> None:
         if seq.state_row >= 0:
             self._free_rows.append(seq.state_row)
