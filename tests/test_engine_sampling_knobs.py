@@ -101,3 +101,21 @@ def test_grammar_constrains_the_engine_on_the_demo_tokenizer(tmp_path):
                                               for t, s in ((0, 0), (1.0, 1), (1.0, 2))])
     for ids in outs:
         assert json.loads(tok.decode(ids, skip_special_tokens=True)).keys() == {"ok"}
+
+
+def test_park_frees_the_token_counts_and_penalties_work_after_unpark(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from slotserve.engine import Engine, SamplingParams
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, initializer_range=0.2)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, frequency_penalty=2.0)
+    with Engine.from_pretrained(str(tmp_path), kv_cache_tokens=512, max_batch=4) as eng:
+        assert eng.memory().sampler_bytes == 0                   # nothing asked for a penalty yet
+        before = eng.generate([[1, 2, 3]], sp)[0]
+        assert eng.memory().sampler_bytes == 4 * 256 * 4         # max_batch x vocab x int32
+        eng.park()
+        assert eng.memory().sampler_bytes == 0
+        eng.unpark()
+        assert eng.generate([[1, 2, 3]], sp)[0] == before

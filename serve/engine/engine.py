@@ -131,9 +131,10 @@ class Engine:
                            model_impl=model_impl, enable_prefix_caching=enable_prefix_caching)
 
     # ------------------------------------------------------------------------------ requests
-    def use_tokenizer(self, tokenizer) -> None:
-        """The tokenizer `params.grammar` is compiled against (the slot loader sets the bundle's)."""
-        self.sampling.use_tokenizer(tokenizer)
+    def use_tokenizer(self, tokenizer, *, prebuild: bool = True) -> None:
+        """The tokenizer `params.grammar` is compiled against (the slot loader sets the bundle's);
+        its grammar masker is built on a background thread unless `prebuild` is False."""
+        self.sampling.use_tokenizer(tokenizer, prebuild=prebuild)
 
     def submit(self, prompt_ids, params: SamplingParams | None = None, adapter: str | None = None
                ) -> RequestHandle:
@@ -368,6 +369,7 @@ class Engine:
         kv_bytes = 0
         with self._cond:   # the prefix cache's keys name K/V in the pool dropped below
             self.scheduler.clear_prefix_cache()
+            self.sampling.drop()
         if self.kv is not None:
             kv_bytes = self.kv.nbytes
             self.kv.release()
