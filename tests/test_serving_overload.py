@@ -47,11 +47,16 @@ def test_a_full_replica_answers_429_at_once(store):
                       replica_id="o1")
         await rep.start()
         c = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(rep)), base_url="http://t", timeout=60)
+        # 400 tokens with the demo's end-of-sequence ids banned: both stay in flight throughout
         long = {"model": "demo", "messages": [{"role": "user", "content": "x"}], "max_tokens": 400,
-                "ignore_eos": True, "temperature": 1.0}
+                "logit_bias": {str(t): -100 for t in rep.mgr.slot("live").engine.eos_token_ids},
+                "temperature": 1.0}
         try:
             running = [asyncio.create_task(c.post("/v1/chat/completions", json=long)) for _ in range(2)]
+            deadline = time.perf_counter() + 60
             while rep.handler.inflight < 2:
+                assert time.perf_counter() < deadline and not any(t.done() for t in running), \
+                    [t.result().text for t in running if t.done()]
                 await asyncio.sleep(0.005)
             rep.handler.latency_s = 7.5                      # as if requests took 7.5 s each
             took = []
