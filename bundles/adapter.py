@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from slotserve.bundles.manifest import AdapterInfo, BundleError
+from slotserve.bundles.source import safetensors_header
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -96,17 +97,7 @@ def _check_config(cfg: dict, path: Path, base_digest: str, base_ref: str) -> Ada
 
 
 def _check_weights(path: Path, info: AdapterInfo, base_config: Mapping[str, Any]) -> None:
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if size < 8 or n <= 0 or n + 8 > size or n > 100_000_000:
-                raise ValueError("bad header length")
-            header = json.loads(f.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path} is not a valid safetensors file ({exc})") from None
+    header = safetensors_header(path)
     shapes = module_shapes(base_config)
     layers = int(base_config["num_hidden_layers"])
     seen: dict[tuple[int, str], set[str]] = {}

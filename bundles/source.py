@@ -110,7 +110,7 @@ def read_source(src: Path, *, prompt_template=None, system_prompt=None, serving=
                               f"{model_dir}: {', '.join(missing)}")
         weights = [n for n in weights if n in shards]
     for n in weights:
-        _check_safetensors(model_dir / n)
+        safetensors_header(model_dir / n, f"; {_HINT_CONVERT}")
     for n in names:
         if n in MODEL_FILES or n in weights:
             files[f"model/{n}"] = model_dir / n
@@ -211,8 +211,9 @@ def _check_architecture(config: Mapping[str, Any], path: Path) -> tuple[str, str
     return archs[0], model_type
 
 
-def _check_safetensors(path: Path) -> None:
-    """Header sanity: 8-byte little-endian length, then a JSON object, within the file."""
+def safetensors_header(path: Path, hint: str = "") -> dict:
+    """The header of a safetensors file, checked: an 8-byte little-endian length, then a
+    JSON object within the file. BundleError (with `hint` appended) when it is not one."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -223,7 +224,8 @@ def _check_safetensors(path: Path) -> None:
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
     except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path} is not a valid safetensors file ({exc}); {_HINT_CONVERT}") from None
+        raise BundleError(f"{path} is not a valid safetensors file ({exc}){hint}") from None
+    return header
 
 
 def index_shards(model_dir: Path) -> set[str] | None:
