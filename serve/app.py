@@ -1,10 +1,12 @@
-"""The Ray Serve deployment around a Replica, and the application builder.
+"""The Ray Serve deployments and the application builder.
 
-`SlotServe` is the Ray Serve deployment: a thin shell that makes a Replica
-(slotserve.replica), connects it to the controller actor, and serves the replica's
-FastAPI app (slotserve.api.routes.create_app) as its ingress. `build_app(args)` is the
-application builder that `slotserve serve` and `serve deploy` (import_path:
-slotserve.app:build_app) use.
+`SlotServe` is the serving deployment: a thin shell that makes a Replica
+(slotserve.replica), connects it to the controller actor, and runs the replica's FastAPI
+app (slotserve.api.routes.create_app). `Gateway` is the app's HTTP ingress: it forwards
+each request to a SlotServe replica through a deployment handle and retries it once on
+another replica when the first one dies before answering (slotserve.api.relay), which
+Ray Serve's proxy does not do. `build_app(args)` is the application builder that
+`slotserve serve` and `serve deploy` (import_path: slotserve.app:build_app) use.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ import uuid
 from typing import Any
 
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from slotserve.api.routes import create_app
+from slotserve.api import relay
+from slotserve.api.routes import MAX_BODY_BYTES, create_app
 from slotserve.control.controller import get_or_create
 from slotserve.replica import RayController, Replica, Settings
 
@@ -37,7 +42,6 @@ MAX_ONGOING_REQUESTS = 16384
 @serve.deployment(name="SlotServe", max_ongoing_requests=MAX_ONGOING_REQUESTS, health_check_period_s=5,
                   health_check_timeout_s=30, graceful_shutdown_timeout_s=20,
                   ray_actor_options={"num_cpus": 0})
-@serve.ingress()
 class SlotServe:
     """One replica: slots + handler; converges to the controller's desired state
     (live and previous loaded) before Serve routes any request to it."""
@@ -48,9 +52,15 @@ class SlotServe:
         handle = get_or_create(s.store, s.app, s.bundle)
         self.replica = Replica(s, RayController(handle), replica_id=rid)
         await self.replica.start()
+        self.http_app = create_app(self.replica)
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.replica)
+        return self.http_app     # as the ingress itself (DirectSlotServe, no Gateway)
+
+    async def http(self, req: dict):
+        """One HTTP request forwarded by the Gateway: the app's ASGI messages, streamed."""
+        async for batch in relay.serve_asgi(self.http_app, req):
+            yield batch
 
     async def check_health(self):
         ok, why = self.replica.ready()
@@ -61,11 +71,44 @@ class SlotServe:
         await self.replica.stop()
 
 
+# The same replica as the app's ingress, for `gateway: false` (one hop less; Ray's proxy
+# then answers a replica crash with its plain-text 500). Serve allows one ingress per app.
+DirectSlotServe = SlotServe.options(func_or_class=serve.ingress()(SlotServe.func_or_class))
+
+
+def _classify(exc: BaseException) -> str:
+    """What an exception from a SlotServe handle means, for relay.failure_answer."""
+    if isinstance(exc, RayActorError):        # ActorDiedError, ActorUnavailableError
+        return "lost"
+    if isinstance(exc, DeploymentUnavailableError):
+        return "unavailable"
+    if isinstance(exc, BackPressureError):
+        return "overloaded"
+    return "error"
+
+
+@serve.deployment(name="Gateway", max_ongoing_requests=MAX_ONGOING_REQUESTS, ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class Gateway:
+    """The app's HTTP ingress: every request goes to a SlotServe replica through a
+    handle; a replica lost before answering gets the request retried once elsewhere."""
+
+    def __init__(self, replicas):
+        self.replicas = replicas.options(stream=True)
+
+    def __serve_build_asgi_app__(self):
+        return relay.Forwarder(lambda req: self.replicas.http.remote(req), _classify, MAX_BODY_BYTES)
+
+
+
 def build_app(args: dict | None = None):
     """Application builder: `serve.run(build_app({...}))` or `serve deploy` with
     import_path slotserve.app:build_app. `args` are Settings fields plus optional
-    num_replicas / autoscaling_config / max_replicas_per_node / num_gpus / num_cpus."""
+    num_replicas / autoscaling_config / max_replicas_per_node / num_gpus / num_cpus
+    (all of the SlotServe deployment) and `gateway` (default true: the Gateway is the
+    ingress; false serves SlotServe as the ingress directly, behind Ray's proxy only)."""
     args = dict(args or {})
+    gateway = bool(args.pop("gateway", True))
     opts: dict[str, Any] = {}
     if "num_replicas" in args:
         opts["num_replicas"] = args.pop("num_replicas")
@@ -82,4 +125,6 @@ def build_app(args: dict | None = None):
     settings = Settings.from_dict(args)
     if settings.deployment != "SlotServe":
         opts["name"] = settings.deployment
-    return SlotServe.options(**opts).bind(settings.to_dict())
+    if not gateway:
+        return DirectSlotServe.options(**opts).bind(settings.to_dict())
+    return Gateway.bind(SlotServe.options(**opts).bind(settings.to_dict()))

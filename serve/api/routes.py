@@ -131,7 +131,27 @@ def create_app(replica: Replica) -> FastAPI:
     OpenAIRoutes(replica, handler).install(app)
     AdminRoutes(replica, check).install(app)
     ServiceRoutes(replica, handler).install(app)
+    app.add_middleware(ReplicaHeader, replica_id=replica.id)
     return app
+
+
+class ReplicaHeader:
+    """Names the replica that answered in every response (`x-slotserve-replica`): with
+    several replicas behind one port, the first thing an operator chasing a bad answer or
+    a crash needs. A plain ASGI middleware, so streams pass through untouched."""
+
+    def __init__(self, app, replica_id: str):
+        self.app, self.header = app, (b"x-slotserve-replica", replica_id.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def tagged(msg):
+            if msg["type"] == "http.response.start":
+                msg = {**msg, "headers": [*msg.get("headers", []), self.header]}
+            await send(msg)
+        await self.app(scope, receive, tagged)
 
 
 # ---------------------------------------------------------------- errors
@@ -395,9 +415,8 @@ class ServiceRoutes:
         return JSONResponse(body.model_dump(mode="json"))
 
     async def metrics(self):
-        # the header says which replica rendered the scrape (Serve's proxy picks one)
-        return Response(await self.replica.metrics_text(), media_type=METRICS_CONTENT_TYPE,
-                        headers={"x-slotserve-replica": self.replica.id})
+        # x-slotserve-replica (every response has it) says which replica rendered the scrape
+        return Response(await self.replica.metrics_text(), media_type=METRICS_CONTENT_TYPE)
 
     def _view(self, model: str) -> BundleView:
         """The bundle `model` names, as chat completions resolve it; the logical name is
