@@ -15,6 +15,10 @@ issue 14 #4):
 2. A replica crash: each app alone with 2 replicas, non-streamed chat completions at
    concurrency 8, one replica killed (ray.kill, no drain) mid-run; failed requests
    (non-200, or a dropped connection) out of all.
+3. A burst: each app alone with 1 replica and max_inflight 8; 8 long requests fill it,
+   then `--burst` requests arrive at once; how fast the refused ones get their 429
+   (client-measured p50/p99: the client's own event loop shares the 2 cores) and
+   whether any was queued instead (a 200 among the burst).
 """
 
 from __future__ import annotations
@@ -60,12 +64,12 @@ def start_ray(root: Path) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def deploy(root: Path, mode: str, replicas: int, prefix: str) -> None:
+def deploy(root: Path, mode: str, replicas: int, prefix: str, **settings) -> None:
     from ray import serve
 
     from slotserve.app import build_app
     serve.run(build_app({"store": str(root), "bundle": "demo:1", "app": f"bench-{mode}",
-                         "num_replicas": replicas, "gateway": MODES[mode]}),
+                         "num_replicas": replicas, "gateway": MODES[mode], **settings}),
               name=f"bench-{mode}", route_prefix=prefix)
 
 
@@ -118,6 +122,26 @@ async def _crash_load(url: str, app: str, seconds: float, kill_at: float, concur
             "statuses": sorted({s for _, _, s in results})}
 
 
+async def _burst(url: str, eos: list[int], fill: int, burst: int) -> dict:
+    long = {**CHAT, "max_tokens": 400, "logit_bias": {str(t): -100 for t in eos}}
+    limits = httpx.Limits(max_connections=fill + burst + 8, max_keepalive_connections=fill + burst + 8)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as c:
+        running = [asyncio.create_task(c.post(url + "/v1/chat/completions", json=long)) for _ in range(fill)]
+        await asyncio.sleep(1.5)                              # all `fill` admitted and decoding
+
+        async def one():
+            t0 = time.perf_counter()
+            r = await c.post(url + "/v1/chat/completions", json={**CHAT, "max_tokens": 4})
+            return r.status_code, (time.perf_counter() - t0) * 1e3, r.headers.get("retry-after")
+        res = await asyncio.gather(*[one() for _ in range(burst)])
+        filled = [r.status_code for r in await asyncio.gather(*running)]
+    refused = sorted(ms for st, ms, _ in res if st == 429)
+    q = (lambda f: round(refused[min(len(refused) - 1, int(f * len(refused)))], 1) if refused else None)
+    return {"burst": burst, "refused_429": len(refused), "answered_200": sum(st == 200 for st, _, _ in res),
+            "other": sorted({st for st, _, _ in res} - {200, 429}), "p50_429_ms": q(0.5), "p99_429_ms": q(0.99),
+            "retry_after": sorted({ra for st, _, ra in res if st == 429}), "fill_statuses": sorted(set(filled))}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 8])
@@ -125,6 +149,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--crash-seconds", type=float, default=14.0)
+    ap.add_argument("--burst", type=int, default=400)
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
     args = ap.parse_args()
@@ -147,6 +172,13 @@ def main() -> int:
             asyncio.run(load(base, 2, 2.0, 4))                      # warm both replicas
             report["crash"][mode] = asyncio.run(_crash_load(base, f"bench-{mode}", args.crash_seconds,
                                                             args.crash_seconds / 3, 8))
+            serve.delete(f"bench-{mode}")
+        eos = json.loads((root / "bundles" / "demo" / "1" / "model" / "config.json").read_text())["eos_token_id"]
+        report["burst"] = {}
+        for mode in MODES:
+            deploy(root, mode, 1, "/", max_inflight=8)
+            asyncio.run(load(base, 1, 1.0, 4))
+            report["burst"][mode] = asyncio.run(_burst(base, eos if isinstance(eos, list) else [eos], 8, args.burst))
             serve.delete(f"bench-{mode}")
     finally:
         try:
@@ -179,6 +211,12 @@ def to_markdown(rep: dict) -> str:
     for mode, c in rep["crash"].items():
         lines.append(f"| {'Gateway' if mode == 'gw' else 'direct (Ray proxy)'} | {c['requests']} | {c['failed']} | "
                      f"{c['in_flight_at_kill']} | {c['failed_in_flight']} | {c['statuses']} |")
+    lines += ["", "A burst against one full replica (max_inflight 8, 8 long requests running):", "",
+              "| ingress | burst | 429 | 200 (queued) | 429 p50 ms | 429 p99 ms | Retry-After |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for mode, b in rep.get("burst", {}).items():
+        lines.append(f"| {'Gateway' if mode == 'gw' else 'direct (Ray proxy)'} | {b['burst']} | {b['refused_429']} | "
+                     f"{b['answered_200']} | {b['p50_429_ms']} | {b['p99_429_ms']} | {', '.join(b['retry_after'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -96,8 +96,16 @@ class Gateway:
     def __init__(self, replicas):
         self.replicas = replicas.options(stream=True)
 
+    async def _forward(self, req: dict):
+        stream = self.replicas.http.remote(req)
+        try:
+            async for batch in stream:
+                yield batch
+        finally:
+            stream.cancel()      # the client left mid-answer: the replica stops decoding for it
+
     def __serve_build_asgi_app__(self):
-        return relay.Forwarder(lambda req: self.replicas.http.remote(req), _classify, MAX_BODY_BYTES)
+        return relay.Forwarder(self._forward, _classify, MAX_BODY_BYTES)
 
 
 
