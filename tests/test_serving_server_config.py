@@ -205,10 +205,11 @@ def test_serve_takes_the_config_file_and_keeps_ray_on_loopback(tmp_path):
                 and f"127.0.0.1:{dash}" in {f[0] for f in found}), found
         # The one listener Ray offers no setting for: each Serve replica's inter-deployment
         # gRPC server, hard-coded to "[::]:0" in ray/serve/_private/replica.py (token-
-        # authenticated). Everything else (GCS, raylet, workers, agents, metrics) is loopback.
+        # authenticated): one per replica process, the SlotServe replica and the Gateway.
+        # Everything else (GCS, raylet, workers, agents, metrics) is loopback.
         outside = [f for f in found if not _loopback(f[0])]
         replicas = [f for f in outside if f[1].startswith("ray::ServeRepli")]
-        assert outside == replicas and len({f[2] for f in replicas}) == len(replicas) <= 1, outside
+        assert outside == replicas and len({f[2] for f in replicas}) == len(replicas) <= 2, outside
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -51,8 +51,10 @@ def neutral_cwd(directory: str | os.PathLike):
 def start_local_ray(workdir: str | os.PathLike, **init_kwargs) -> None:
     """`ray.init` a local instance that listens on 127.0.0.1 only and whose workers never
     see the caller's current directory (see neutral_cwd). The CLI, the tests and the
-    benchmarks all start Ray through here."""
+    benchmarks all start Ray through here. Always a new instance (address "local"): without
+    it ray.init joins whatever local cluster another process started, with its settings."""
     keep_ray_on_loopback()
     import ray
+    init_kwargs.setdefault("address", "local")
     with neutral_cwd(workdir):
         ray.init(_node_ip_address="127.0.0.1", **init_kwargs)
