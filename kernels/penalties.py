@@ -26,8 +26,11 @@ Per row b (every value is per row; its "off" value switches that knob off for th
   draws the rows without top-k/top-p in the same pass that finds their max, before any
   threshold is known); here it costs one launch and one more read of the rows using it,
   and the sampler already handles -inf logits.
-  For the engine: a row's -inf are min_p's doing, so test the logits for NaN / inf BEFORE
-  this step (the step loop's `isfinite(logits)` check), not after.
+  For the engine: a row's -inf are min_p's (or a grammar mask's) doing, so test the logits
+  for NaN / inf BEFORE this step (the step loop's `isfinite(logits)` check), not after.
+  Logits that come in as -inf (the engine masks a grammar's forbidden tokens first) stay
+  -inf through bias and penalties and never win the max, so min_p is then relative to the
+  most likely token still allowed.
 
 Token state (what the engine keeps per sequence). One int32 tensor `token_state` [N, V]
 for N sequence state rows: bits 0..29 count the token in the output so far, bit 30

@@ -482,8 +482,9 @@ class Engine:
         """Forward + sample one step -> (token, logits finite, logprob or None) per sampling row.
 
         The sampling pipeline (docs/engine.md): finite check and logprobs on the raw logits,
-        then logit_bias, penalties and min_p (slotserve.kernels.apply_penalties), the grammar
-        mask, and the sampler (greedy rows: argmax of the processed logits). Hooks run inside
+        then the grammar mask, logit_bias, penalties and min_p (slotserve.kernels.apply_penalties;
+        min_p after the mask, so it is relative to the allowed tokens), and the sampler
+        (greedy rows: argmax of the processed logits). Hooks run inside
         inference mode too, so `logits_hook` may edit the logits in place.
         """
         if self.step_hook is not None:
