@@ -34,6 +34,11 @@ SCRIPT = textwrap.dedent("""
         h = eng.submit(p, SamplingParams(temperature=0, logprobs=3, **g))
         h.result()
         out["logprobs"] = [[x.logprob, list(x.top)] for x in h.logprobs]
+        # prompt logprobs: the scored positions' rows through the final norm and LM head, in a
+        # batch with an ordinary request (mixed rows: sampling first, then the scored ones)
+        hs = [eng.submit(p * 3, SamplingParams(max_tokens=0, prompt_logprobs=2)), eng.submit(p, SamplingParams(**g))]
+        [x.result() for x in hs]
+        out["prompt"] = [[x.logprob, list(x.top)] for x in hs[0].prompt_logprobs]
     print("RESULT" + json.dumps(out))
 """)
 
@@ -61,8 +66,10 @@ def test_knobs_torch_path_and_triton_interpreter_agree(tmp_path):
     for k in ("plain", "penalized", "bias"):
         assert tri[k] == ref[k], k
     assert tri["min_p"][1] == ref["min_p"][1] and len(tri["min_p"][0]) == 10
-    for (a, ta), (b, tb) in zip(ref["logprobs"], tri["logprobs"]):
-        assert abs(a - b) < 1e-5 and [t[0] for t in ta] == [t[0] for t in tb]
+    for k in ("logprobs", "prompt"):
+        assert len(ref[k]) == len(tri[k]) == {"logprobs": 10, "prompt": 14}[k]
+        for (a, ta), (b, tb) in zip(ref[k], tri[k]):
+            assert abs(a - b) < 1e-5 and [t[0] for t in ta] == [t[0] for t in tb], k
 
 
 def test_nan_guard_still_fails_a_penalized_row(tmp_path):
