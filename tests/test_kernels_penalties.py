@@ -330,6 +330,12 @@ def test_logprobs_ref_against_naive_log_softmax():
     assert ids0.shape == (3, 0) and lp0.shape == (3, 0)
     with pytest.raises(ValueError, match="top_n"):
         P.logprobs_ref(logits, tokens, 26)
+    # the engine's check on scored prompt rows: a NaN or +inf anywhere in a row shows in its
+    # chosen logprob (through the row's logsumexp), a -inf elsewhere does not
+    bad = logits.clone()
+    bad[0, 3], bad[1, 9], bad[2, 11] = float("nan"), float("inf"), NEG_INF
+    c, _, _ = P.logprobs_ref(bad, tokens, 2)
+    assert c.isnan()[0] and not c[1].isfinite() and c[2].isfinite()
 
 
 @pytest.mark.parametrize("side", SIDES)

@@ -553,7 +553,9 @@ class Engine:
             top_n = max(top_n, seq.params.prompt_logprobs)
         assert len(targets) == logits.shape[0], (len(targets), logits.shape)
         chosen, top_ids, top_lp = K.logprobs(logits, torch.tensor(targets, device=logits.device), top_n)
-        finite = torch.isfinite(logits).all(-1)
+        # a NaN or +inf in a row makes its chosen logprob non-finite (logsumexp), as does a -inf
+        # logit on the prompt's own token (JSON could not carry it); cheaper than isfinite on [Q, V]
+        finite = torch.isfinite(chosen)
         chosen, top_ids, top_lp, finite = chosen.tolist(), top_ids.tolist(), top_lp.tolist(), finite.tolist()
         out, q = [], 0
         for i, lo, hi in batch.scoring:
