@@ -34,6 +34,11 @@ SCRIPT = textwrap.dedent("""
         h = eng.submit(p, SamplingParams(temperature=0, logprobs=3, **g))
         h.result()
         out["logprobs"] = [[x.logprob, list(x.top)] for x in h.logprobs]
+        # prompt logprobs: the scored positions' rows through the final norm and LM head, in a
+        # batch with an ordinary request (mixed rows: sampling first, then the scored ones)
+        hs = [eng.submit(p * 3, SamplingParams(max_tokens=0, prompt_logprobs=2)), eng.submit(p, SamplingParams(**g))]
+        [x.result() for x in hs]
+        out["prompt"] = [[x.logprob, list(x.top)] for x in hs[0].prompt_logprobs]
     print("RESULT" + json.dumps(out))
 """)
 
@@ -61,8 +66,10 @@ def test_knobs_torch_path_and_triton_interpreter_agree(tmp_path):
     for k in ("plain", "penalized", "bias"):
         assert tri[k] == ref[k], k
     assert tri["min_p"][1] == ref["min_p"][1] and len(tri["min_p"][0]) == 10
-    for (a, ta), (b, tb) in zip(ref["logprobs"], tri["logprobs"]):
-        assert abs(a - b) < 1e-5 and [t[0] for t in ta] == [t[0] for t in tb]
+    for k in ("logprobs", "prompt"):
+        assert len(ref[k]) == len(tri[k]) == {"logprobs": 10, "prompt": 14}[k]
+        for (a, ta), (b, tb) in zip(ref[k], tri[k]):
+            assert abs(a - b) < 1e-5 and [t[0] for t in ta] == [t[0] for t in tb], k
 
 
 def test_nan_guard_still_fails_a_penalized_row(tmp_path):
@@ -119,3 +126,37 @@ def test_park_frees_the_token_counts_and_penalties_work_after_unpark(tmp_path):
         assert eng.memory().sampler_bytes == 0
         eng.unpark()
         assert eng.generate([[1, 2, 3]], sp)[0] == before
+
+
+GRAMMAR_MIN_P = textwrap.dedent("""
+    import json, sys
+    from transformers import PreTrainedTokenizerFast
+    from slotserve.api.structured import grammar_for
+    from slotserve.bundles import demo
+    from slotserve.engine import Engine, SamplingParams
+    tok = PreTrainedTokenizerFast(tokenizer_object=demo.build_tokenizer(), eos_token=demo.EOS)
+    path = demo.build_demo_model("llama", 0, sys.argv[1])
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    g = grammar_for({"type": "json_schema", "json_schema": {"name": "t", "schema": schema, "strict": True}},
+                    None, None)
+    with Engine.from_pretrained(str(path), kv_cache_tokens=1024) as eng:
+        eng.use_tokenizer(tok, prebuild=False)
+        # min_p 0.9 keeps only tokens within 10% of the most likely one: on random weights that
+        # is almost never a token the grammar allows, unless min_p looks at the allowed ones only
+        outs = eng.generate([[1, 2, 3]] * 3, [SamplingParams(temperature=1.0, min_p=mp, seed=s, max_tokens=60,
+                                                             grammar=g)
+                                              for mp, s in ((0.9, 1), (0.9, 2), (1.0, 3))])
+    print("RESULT" + json.dumps([tok.decode(ids, skip_special_tokens=True) for ids in outs]))
+""")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the GPU tests run the real kernels")
+@pytest.mark.parametrize("side", ["torch", "triton"])
+def test_min_p_is_relative_to_the_tokens_the_grammar_allows(tmp_path, side):
+    env = {"SLOTSERVE_KERNELS": side, **({"TRITON_INTERPRET": "1"} if side == "triton" else {})}
+    env = dict(os.environ, **env)
+    proc = subprocess.run([sys.executable, "-P", "-c", GRAMMAR_MIN_P, str(tmp_path / "m")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for text in json.loads(proc.stdout.split("RESULT", 1)[1]):
+        assert json.loads(text).keys() == {"ok"}, text

@@ -106,7 +106,7 @@ def test_admission_errors_say_the_numbers(model_dir):
         out = eng.generate([[1] * 10], SamplingParams(temperature=0, max_tokens=55, ignore_eos=True))
         assert len(out[0]) == 55
     with pytest.raises(ValueError, match="max_tokens"):
-        SamplingParams(max_tokens=0)
+        SamplingParams(max_tokens=-1)      # 0 is valid: prefill only (prompt logprobs)
 
 
 def test_max_model_len_stops_with_length(model_dir):

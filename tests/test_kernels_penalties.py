@@ -172,6 +172,36 @@ def test_min_p_never_moves_the_argmax(side):
 
 
 @pytest.mark.parametrize("side", SIDES)
+def test_min_p_on_masked_rows_is_relative_to_the_allowed_tokens(side):
+    # The engine applies the grammar mask (-inf) first: min_p's maximum must be the largest
+    # ALLOWED logit, so a high min_p keeps allowed tokens, never empties the row, and the -inf
+    # stay -inf through bias and penalties (no NaN). Allowed tokens sit in other chunks than
+    # the masked maximum, so the Triton side's chunk maxima are exercised too.
+    v = 100
+    torch.manual_seed(5)
+    raw = torch.randn(2, v) * 2
+    raw[:, 3] = 20.0                                                 # the model's favourite: forbidden
+    allowed = torch.zeros(2, v, dtype=torch.bool)
+    allowed[:, [40, 41, 77]] = True
+    raw[:, 40], raw[:, 41], raw[:, 77] = 1.0, 1.0 + math.log(0.95), -1.0   # p ratios 1, 0.95, e^-2
+    masked = raw.masked_fill(~allowed, NEG_INF).to(DEVICE)
+    state = P.new_token_state(2, v, DEVICE)
+    state[0, 41] = 1                                                 # an output count on an allowed token
+    kw = dict(temperature=torch.tensor([1.0, 1.0], device=DEVICE), min_p=torch.tensor([0.9, 0.9], device=DEVICE),
+              token_state=state, frequency=torch.tensor([0.0, 0.0], device=DEVICE),
+              repetition=torch.tensor([1.3, 1.0], device=DEVICE),
+              bias_ids=torch.tensor([[3, 77], [5, -1]], dtype=torch.int32, device=DEVICE),
+              bias_values=torch.tensor([[5.0, 0.5], [1.0, 0.0]], device=DEVICE))
+    out = SIDES[side](masked.clone(), **kw, **({"chunk": 32} if side == "triton" else {}))
+    assert not torch.isnan(out).any()
+    assert torch.isinf(out[:, [i for i in range(v) if i not in (40, 41, 77)]]).all()   # the mask held
+    kept = [set(torch.isfinite(out[i]).nonzero().flatten().tolist()) for i in range(2)]
+    assert kept[1] == {40, 41}                                       # within 90% of the best allowed one
+    assert kept[0] == {40}                                           # 41 repeated: 1.3x less likely now
+    assert torch.equal(out, P.apply_penalties_ref(masked.clone(), **kw))
+
+
+@pytest.mark.parametrize("side", SIDES)
 def test_logit_bias_extremes_padding_and_order(side):
     v = 70
     logits = torch.zeros(3, v)
@@ -300,6 +330,12 @@ def test_logprobs_ref_against_naive_log_softmax():
     assert ids0.shape == (3, 0) and lp0.shape == (3, 0)
     with pytest.raises(ValueError, match="top_n"):
         P.logprobs_ref(logits, tokens, 26)
+    # the engine's check on scored prompt rows: a NaN or +inf anywhere in a row shows in its
+    # chosen logprob (through the row's logsumexp), a -inf elsewhere does not
+    bad = logits.clone()
+    bad[0, 3], bad[1, 9], bad[2, 11] = float("nan"), float("inf"), NEG_INF
+    c, _, _ = P.logprobs_ref(bad, tokens, 2)
+    assert c.isnan()[0] and not c[1].isfinite() and c[2].isfinite()
 
 
 @pytest.mark.parametrize("side", SIDES)

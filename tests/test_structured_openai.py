@@ -4,7 +4,8 @@ serving the real demo model, SmolLM2-135M-Instruct.
 
 - `client.beta.chat.completions.parse(response_format=PydanticModel)` parses on 10 of 10 prompts;
 - a forced tool call parses (whole and streamed);
-- logprobs agree with a transformers forward pass within fp32 tolerance;
+- logprobs agree with a transformers forward pass within fp32 tolerance, the echoed
+  prompt's too (completions' echo + logprobs, with a prefix-cache hit);
 - n > 1, penalties, logit_bias and the strict edge through the same client.
 """
 
@@ -145,6 +146,50 @@ def test_logprobs_agree_with_transformers(served):
             top = lp.topk(5)
             assert torch.allclose(top.values, torch.tensor([t.logprob for t in c.top_logprobs]), atol=1e-3)
             x = torch.cat([x, torch.tensor([[tok]])], 1)
+
+
+def test_echo_prompt_logprobs_agree_with_transformers(served):
+    # lm-evaluation-harness's loglikelihood request (echo, logprobs, max_tokens 0 or 1), twice:
+    # the second finds the prompt in the prefix cache and must score every position anyway
+    _, client, rep = served
+    from transformers import AutoModelForCausalLM
+    text = "The capital of France is Paris. The capital of Italy is"
+    view = rep.backend.views()["live"]
+    ids = view.encode(text)
+
+    async def go():
+        a = await client.completions.create(model="demo", prompt=text, echo=True, logprobs=5, max_tokens=0)
+        chat = dict(model="demo", messages=[{"role": "user", "content": "Name a colour."}], temperature=0,
+                    max_tokens=12)
+        solo = await client.chat.completions.create(**chat)
+        b, *mixed = await asyncio.gather(    # batched with ordinary requests, whose answers must not change
+            client.completions.create(model="demo", prompt=text, echo=True, logprobs=5, max_tokens=1, temperature=0),
+            *[client.chat.completions.create(**chat) for _ in range(2)])
+        assert all(m.choices[0].message.content == solo.choices[0].message.content for m in mixed)
+        return a, b
+
+    a, b = _run(served, go())
+    la, lb = a.choices[0].logprobs, b.choices[0].logprobs
+    assert a.choices[0].text == text and len(la.tokens) == len(ids) and len(lb.tokens) == len(ids) + 1
+    model = AutoModelForCausalLM.from_pretrained(rep.backend.mgr.get("live").engine.model_dir,
+                                                 dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)   # [P, V]
+    nxt = int(want[-1].argmax())                                  # greedy: b's answer token
+    full = ids + [nxt]
+    for lp in (la, lb):
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        for p in range(1, len(lp.tokens)):
+            assert abs(lp.token_logprobs[p] - want[p - 1, full[p]].item()) < 1e-3, p
+            top = want[p - 1].topk(5)
+            texts = [view.tokenizer.decode([i]) for i in top.indices.tolist()]
+            assert set(lp.top_logprobs[p]) == set(texts), p
+            for t, x in lp.top_logprobs[p].items():
+                assert any(t == u and abs(x - v) < 1e-3 for u, v in zip(texts, top.values.tolist())), p
+    assert lb.tokens[-1] == view.tokenizer.decode([nxt])
+    # the same positions, but b's LM head also holds its sampling row: another matmul shape, so
+    # rounding may differ in the last bits
+    assert all(abs(x - y) < 1e-4 for x, y in zip(la.token_logprobs[1:], lb.token_logprobs[1:-1]))
 
 
 def test_n_choices_penalties_and_bias(served):

@@ -69,6 +69,7 @@ def prepare(views: Mapping[str, BundleView], kind: str, req, slot: str, pinned: 
         "min_p": _pick(req.min_p, d.get("min_p"), 0.0),
         "logit_bias": req.logit_bias_pairs(),
         "logprobs": req.num_logprobs,
+        "prompt_logprobs": req.num_prompt_logprobs if kind == "completion" else None,
         "grammar": req.grammar if kind == "chat" else None,
     }
     vocab = len(view.tokenizer)

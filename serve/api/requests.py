@@ -209,6 +209,16 @@ class ChatCompletionRequest(_Sampling):
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
     _grammar: str | None = PrivateAttr(default=None)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_echo(cls, data):
+        # Said plainly rather than as an unknown field: clients port it from /v1/completions.
+        if isinstance(data, dict) and "echo" in data:
+            raise FieldError("echo", "echo is a /v1/completions field; chat completions have no echo (the "
+                                     "messages are the prompt). For the prompt's logprobs, send the rendered "
+                                     "prompt to /v1/completions with echo: true and logprobs")
+        return data
+
     @model_validator(mode="after")
     def _chat_supported(self):
         if self.top_logprobs is not None and self.top_logprobs > 0 and not self.logprobs:
@@ -243,7 +253,9 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: int | None = Field(default=16, ge=1, le=MAX_TOKENS_LIMIT)  # OpenAI default
+    # OpenAI's default; 0 only with echo: score and echo the prompt, generate nothing (vLLM's
+    # "echo without generation", what eval harnesses send for log-likelihoods)
+    max_tokens: int | None = Field(default=16, ge=0, le=MAX_TOKENS_LIMIT)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -276,9 +288,10 @@ class CompletionRequest(_Sampling):
     def _completion_supported(self):
         if self.suffix:
             raise FieldError("suffix", "suffix is not supported (insertion needs a fill-in-the-middle model)")
-        if self.echo and self.logprobs is not None:
-            raise FieldError("echo", "echo together with logprobs (the prompt's logprobs) is not supported; "
-                                     "send echo or logprobs, not both")
+        if self.max_tokens == 0 and not self.echo:
+            raise FieldError("max_tokens", "max_tokens 0 is only valid with echo: true (the prompt is echoed, "
+                                           "with its logprobs if logprobs is set, and nothing is generated); "
+                                           "otherwise at least 1")
         if self.best_of not in (None, self.n):
             raise FieldError("best_of", f"best_of must equal n ({self.n}) or be omitted: every "
                                         "generated choice is returned")
@@ -287,6 +300,11 @@ class CompletionRequest(_Sampling):
     @property
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """echo with logprobs: the echoed prompt's tokens carry logprobs too (OpenAI, vLLM)."""
+        return self.logprobs if self.echo else None
 
     def token_limit(self) -> int | None:
         return self.max_tokens

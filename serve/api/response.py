@@ -118,7 +118,8 @@ class Run:
         return self.view.tokenizer.decode([tok])
 
     def logprobs(self, start: int = 0, end: int | None = None, offset: int = 0) -> dict | None:
-        """OpenAI's logprobs object for output tokens [start, end), or None when not asked."""
+        """OpenAI's logprobs object for output tokens [start, end), or None when not asked;
+        completions' `text_offset` counts from `offset` (where token `start` sits in `text`)."""
         if self.prep.params.get("logprobs") is None:
             return None
         entries = list(getattr(self.handle, "logprobs", []))[:len(self.stream.ids)][start:end]
@@ -136,6 +137,24 @@ class Run:
             pos += len(t)
         return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
                 "top_logprobs": [{self._token_text(i): x for i, x in e.top} for e in entries],
+                "text_offset": offsets}
+
+    def prompt_logprobs(self) -> dict | None:
+        """Completions' logprobs object for the echoed prompt (echo with logprobs), offsets from
+        0, or None when not asked. The first token's logprob and alternatives are null:
+        nothing precedes it to predict it (OpenAI's and vLLM's shape)."""
+        if self.prep.params.get("prompt_logprobs") is None:
+            return None
+        entries = [None, *getattr(self.handle, "prompt_logprobs", [])]
+        ids = self.prep.prompt_ids
+        assert len(entries) == len(ids), (len(entries), len(ids))   # complete before the first token
+        tokens = [self._token_text(t) for t in ids]
+        offsets, pos = [], 0
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return {"tokens": tokens, "token_logprobs": [e and e.logprob for e in entries],
+                "top_logprobs": [e and {self._token_text(i): x for i, x in e.top} for e in entries],
                 "text_offset": offsets}
 
     def _echo(self) -> str:
@@ -156,11 +175,14 @@ class Run:
                                   usage=self.usage())
         else:
             echo = self._echo()
+            logprobs = self.logprobs(offset=len(echo))
+            if prompt := self.prompt_logprobs():      # the echoed prompt's tokens, then the answer's
+                logprobs = {k: prompt[k] + logprobs[k] for k in prompt}
             body = Completion(id=self.id, created=self.created, model=v.ref,
                               system_fingerprint=v.digest,
                               choices=[CompletionChoice(index=self.index, text=echo + text,
                                                         finish_reason=self.finish_reason,
-                                                        logprobs=self.logprobs(offset=len(echo)))],
+                                                        logprobs=logprobs)],
                               usage=self.usage())
         return body.model_dump(mode="json")
 
@@ -184,12 +206,16 @@ class Run:
             from slotserve.api.tool_calls import ToolCallStream, finish_reason
             tool_stream = ToolCallStream(names=self.tools[0])
         sent = 0                       # output tokens whose logprobs went out
+        echo = "" if chat else self._echo()
+        offset = len(echo)             # completions: where the next token's text sits in the whole text
 
         def pending_logprobs() -> dict | None:
-            nonlocal sent
+            nonlocal sent, offset
             n = len(self.stream.ids)
-            lp = self.logprobs(sent, n) if n > sent else None
+            lp = self.logprobs(sent, n, offset) if n > sent else None
             sent = max(sent, n)
+            if lp is not None and not chat:
+                offset += sum(len(t) for t in lp["tokens"])
             return lp
 
         def chunk(content: str | None, finish: str | None, role: bool = False,
@@ -220,8 +246,8 @@ class Run:
 
         if chat:
             yield chunk("", None, role=True)
-        elif echo := self._echo():
-            yield chunk(echo, None)
+        elif echo:   # the prompt first, with its logprobs when asked (vLLM streams it so too)
+            yield chunk(echo, None, logprobs=self.prompt_logprobs())
         gen = self.deltas()
         try:
             async for piece in gen:
@@ -272,6 +298,10 @@ class _Resume:
     @property
     def logprobs(self) -> list:
         return getattr(self._h, "logprobs", [])
+
+    @property
+    def prompt_logprobs(self) -> list:
+        return getattr(self._h, "prompt_logprobs", [])
 
     def cancel(self):
         self._h.cancel()

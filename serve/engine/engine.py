@@ -158,7 +158,8 @@ class Engine:
             handle = RequestHandle(self, rid, prompt, params)
             seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
             seq = Sequence(seq_id=rid, prompt_len=len(prompt), token_ids=list(prompt), max_tokens=params.max_tokens,
-                           stop_ids=frozenset(stop), seed=seed, handle=handle, params=params, matcher=matcher)
+                           stop_ids=frozenset(stop), seed=seed, handle=handle, params=params, matcher=matcher,
+                           score_prompt=params.prompt_logprobs is not None)
             handle._seq = seq
             name = self.default_adapter if adapter is None else (adapter or None)
             try:
@@ -204,8 +205,9 @@ class Engine:
             raise AdmissionError(f"prompt has {len(prompt)} tokens but max_model_len is {self.max_model_len}; "
                                  f"at most {self.max_model_len - 1} prompt tokens leave room to generate")
         # Worst case the sequence holds prompt + max_tokens - 1 tokens in the pool (the last
-        # sampled one is never fed back); it must fit alone, or it could never finish.
-        need = min(len(prompt) + params.max_tokens, self.max_model_len) - 1
+        # sampled one is never fed back; with max_tokens 0, the prompt); it must fit alone,
+        # or it could never finish.
+        need = max(min(len(prompt) + params.max_tokens, self.max_model_len) - 1, len(prompt))
         cap = self.allocator.capacity_tokens
         if blocks_for(need, self.block_size) > self.allocator.num_blocks:
             raise AdmissionError(
@@ -438,7 +440,7 @@ class Engine:
                 self.sampling.assign_rows(batch)
                 self._in_step = True
             try:
-                tokens, finite, lps = self._run(batch)
+                tokens, finite, lps, scored = self._run(batch)
             except Exception as e:
                 if _is_oom(e):
                     log.warning("out of memory in a %s step of %d sequences: failing them", batch.kind,
@@ -458,6 +460,15 @@ class Engine:
                 self._counts["steps"] += 1
                 self._counts["prefill_steps"] += batch.kind != "decode"   # steps carrying prompt chunks
                 self._counts["mixed_steps"] += batch.kind == "mixed"      # ... alongside decode rows
+                for i, prompt_lps in scored:   # before the first token: its reader finds them all
+                    seq = batch.seqs[i]
+                    if seq.status is not SeqStatus.RUNNING:
+                        continue
+                    if prompt_lps is None:
+                        self._fail([seq], FloatingPointError(
+                            f"non-finite logits for request {seq.seq_id} in its prompt"))
+                    else:
+                        seq.handle._push_prompt(prompt_lps)
                 sampled, logprobs, row = {}, {}, 0
                 for i, samples in enumerate(batch.samples):
                     if samples:
@@ -478,22 +489,30 @@ class Engine:
                                          seq.error, logprobs.get(seq.seq_id) if tok is not None else None)
 
     @torch.inference_mode()
-    def _run(self, batch) -> tuple[list[int], list[bool], list[TokenLogprob | None]]:
-        """Forward + sample one step -> (token, logits finite, logprob or None) per sampling row.
+    def _run(self, batch) -> tuple[list[int], list[bool], list[TokenLogprob | None],
+                                   list[tuple[int, list[TokenLogprob] | None]]]:
+        """Forward + sample one step -> (token, logits finite, logprob or None) per sampling row,
+        and (row, its scored prompt tokens' logprobs or None if non-finite) per `batch.scoring` row.
 
         The sampling pipeline (docs/engine.md): finite check and logprobs on the raw logits,
-        then logit_bias, penalties and min_p (slotserve.kernels.apply_penalties), the grammar
-        mask, and the sampler (greedy rows: argmax of the processed logits). Hooks run inside
+        then the grammar mask, logit_bias, penalties and min_p (slotserve.kernels.apply_penalties;
+        min_p after the mask, so it is relative to the allowed tokens), and the sampler
+        (greedy rows: argmax of the processed logits). Hooks run inside
         inference mode too, so `logits_hook` may edit the logits in place.
         """
         if self.step_hook is not None:
             self.step_hook()
-        logits = self.runner.forward(batch)                              # [R, V] fp32
+        logits = self.runner.forward(batch)             # [R + Q, V] fp32: sampling rows, then scored positions
+        scored = []
+        if batch.scoring:                                # only requests scoring their prompt pay for this
+            r = sum(batch.samples)
+            scored = self._score_prompt(batch, logits[r:])
+            logits = logits[:r]
         if self.logits_hook is not None:
             out = self.logits_hook(logits)
             logits = logits if out is None else out
         if logits.shape[0] == 0:
-            return [], [], []
+            return [], [], [], scored
         seqs = [s for s, f in zip(batch.seqs, batch.samples) if f]
         params = [s.params for s in seqs]
         # Before any processing: bias, min_p and the mask write -inf on purpose.
@@ -521,7 +540,31 @@ class Engine:
         self.sampling.count(seqs, tok)                                  # before the host sync
         lp = self.sampling.logprobs(raw, tok, params)                   # device tensors or None
         both = torch.stack([tok.long(), finite.long()]).tolist()        # one host sync
-        return both[0], [bool(x) for x in both[1]], self.sampling.logprobs_list(lp, len(seqs))
+        return both[0], [bool(x) for x in both[1]], self.sampling.logprobs_list(lp, len(seqs)), scored
+
+    @staticmethod
+    def _score_prompt(batch, logits: torch.Tensor) -> list[tuple[int, list[TokenLogprob] | None]]:
+        """Logprobs of the prompt tokens `batch.scoring` covers, from the logits [Q, V] of their
+        previous positions (raw logits, as for output tokens) -> (row, one per token or None)."""
+        targets, top_n = [], 0
+        for i, lo, hi in batch.scoring:
+            seq = batch.seqs[i]
+            targets += seq.token_ids[lo + 1:hi + 1]    # position p predicts the token at p + 1
+            top_n = max(top_n, seq.params.prompt_logprobs)
+        assert len(targets) == logits.shape[0], (len(targets), logits.shape)
+        chosen, top_ids, top_lp = K.logprobs(logits, torch.tensor(targets, device=logits.device), top_n)
+        # a NaN or +inf in a row makes its chosen logprob non-finite (logsumexp), as does a -inf
+        # logit on the prompt's own token (JSON could not carry it); cheaper than isfinite on [Q, V]
+        finite = torch.isfinite(chosen)
+        chosen, top_ids, top_lp, finite = chosen.tolist(), top_ids.tolist(), top_lp.tolist(), finite.tolist()
+        out, q = [], 0
+        for i, lo, hi in batch.scoring:
+            k, n = batch.seqs[i].params.prompt_logprobs, hi - lo
+            ok = all(finite[q:q + n])
+            out.append((i, [TokenLogprob(chosen[j], tuple(zip(top_ids[j][:k], top_lp[j][:k])))
+                            for j in range(q, q + n)] if ok else None))
+            q += n
+        return out
 
     def __enter__(self) -> "Engine":
         return self

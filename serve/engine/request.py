@@ -48,7 +48,7 @@ class SamplingParams:
     temperature: float = 1.0           # 0 = greedy
     top_p: float = 1.0                 # 1.0 = off
     top_k: int = 0                     # 0 = off
-    max_tokens: int = 16
+    max_tokens: int = 16               # 0: prefill only (score the prompt with prompt_logprobs), nothing sampled
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None            # None = a fresh random seed per request
     ignore_eos: bool = False           # benchmarks: generate exactly max_tokens unless a stop id
@@ -59,6 +59,9 @@ class SamplingParams:
     min_p: float = 0.0                 # [0, 1]; 0 = off (and off for greedy)
     logit_bias: tuple[tuple[int, float], ...] = ()    # (token id, added to its logit)
     logprobs: int | None = None        # None = off; else top alternatives per token (0..20)
+    # None = off; else each prompt token after the first gets its logprob and this many top
+    # alternatives (0..20), from logits at every prompt position (completions' echo + logprobs)
+    prompt_logprobs: int | None = None
     grammar: str | None = None         # llguidance grammar the output must match (slotserve.engine.constraints)
 
     def __post_init__(self):
@@ -68,14 +71,16 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0 (0: prefill only, nothing generated), got {self.max_tokens}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be None or in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"prompt_logprobs must be None or in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         object.__setattr__(self, "logit_bias", tuple((int(t), float(v)) for t, v in self.logit_bias))
 
@@ -94,6 +99,9 @@ class RequestHandle:
         self.params = params
         self.output_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []    # one per output token when params.logprobs is set
+        # one per prompt token after the first (nothing scores the first) when
+        # params.prompt_logprobs is set; complete before the first output token arrives
+        self.prompt_logprobs: list[TokenLogprob] = []
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.submitted_at = time.perf_counter()
@@ -126,6 +134,11 @@ class RequestHandle:
                 loop.call_soon_threadsafe(_wake, fut)
             except RuntimeError:  # the consumer's loop is closed; nobody is listening
                 pass
+
+    def _push_prompt(self, logprobs: list[TokenLogprob]) -> None:
+        """The next prompt tokens' logprobs (one prefill chunk's; engine lock held)."""
+        with self._cond:
+            self.prompt_logprobs.extend(logprobs)
 
     # --- consumer side ------------------------------------------------------------------
     @property

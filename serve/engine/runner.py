@@ -1,4 +1,6 @@
-"""The lean model's runner: a scheduler `Batch` in, the logits of its sampling rows out.
+"""The lean model's runner: a scheduler `Batch` in, the logits of its sampling rows out
+(followed by those of the prompt positions `batch.scoring` lists, when a request scores
+its prompt: only those rows go through the LM head, so other requests pay nothing).
 
 It flattens the batch's rows (decode rows first, then prefill chunks) into token ids,
 positions and KV slots, builds the step's attention metadata (`StepMeta`), and replays a
@@ -37,7 +39,8 @@ class LeanRunner:
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
     def forward(self, batch) -> torch.Tensor:
-        """-> logits [R, V] fp32 of the sampling rows, in batch order."""
+        """-> logits [R + Q, V] fp32: the R sampling rows in batch order, then the Q positions of
+        `batch.scoring` in its order."""
         dev = self.device
         nd = batch.num_decode
         lora = self.model.lora
@@ -46,15 +49,18 @@ class LeanRunner:
                 lora.set_rows([s.adapter for s in batch.seqs[:nd]], pad_to=self.graphs.max_batch)
             return self.graphs.run(self, batch)
         ids, pos, slots, tables, lens = self.decode_inputs(batch) if nd else ([], [], [], [], [])
-        seqs, rows = [], list(range(nd))
-        for seq, start, end, samples, table in zip(batch.seqs[nd:], batch.starts[nd:], batch.ends[nd:],
-                                                   batch.samples[nd:], batch.tables[nd:]):
+        seqs, rows, flat = [], list(range(nd)), {}
+        for i, (seq, start, end, samples, table) in enumerate(zip(batch.seqs[nd:], batch.starts[nd:], batch.ends[nd:],
+                                                                  batch.samples[nd:], batch.tables[nd:]), nd):
+            flat[i] = len(ids) - start                 # row of position p in the flattened tokens: flat[i] + p
             seqs.append((len(ids), start, end, torch.tensor(table, dtype=torch.int64, device=dev)))
             ids += seq.token_ids[start:end]
             pos += range(start, end)
             slots += self._slots(table, start, end)
             if samples:
                 rows.append(len(ids) - 1)
+        for i, lo, hi in batch.scoring:
+            rows += range(flat[i] + lo, flat[i] + hi)
         if lora is not None:   # decode rows, then each prefill chunk's rows: the sequence's adapter
             lora.set_rows([s.adapter for s in batch.seqs[:nd]]
                           + [s.adapter for s, a, b in zip(batch.seqs[nd:], batch.starts[nd:], batch.ends[nd:])
@@ -69,7 +75,7 @@ class LeanRunner:
                                     torch.tensor(pos, dtype=torch.int64, device=dev), meta)
         if not rows:
             return h.new_zeros((0, self.vocab_size), dtype=torch.float32)
-        if len(rows) < h.shape[0]:
+        if len(rows) < h.shape[0] or batch.scoring:   # (scored rows come after the sampling ones)
             r = torch.tensor(rows, dtype=torch.int64, device=dev)
             h, res = h.index_select(0, r), res.index_select(0, r)
         return self.model.logits(h, res)

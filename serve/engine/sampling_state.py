@@ -2,8 +2,8 @@
 
 The engine's step applies, per sampling row and in this order (docs/engine.md):
 
-    finite check -> logprobs copy (raw logits) -> logit_bias -> repetition -> frequency ->
-    presence -> min_p (slotserve.kernels.apply_penalties) -> grammar mask -> sampler
+    finite check -> logprobs copy (raw logits) -> grammar mask -> logit_bias -> repetition ->
+    frequency -> presence -> min_p (slotserve.kernels.apply_penalties) -> sampler
 
 * **Token counts** for the penalties: one int32 `token_state` [max_batch, V] (output counts
   plus a PROMPT_SEEN bit, slotserve.kernels.penalties), allocated on the first request that
@@ -18,9 +18,11 @@ The engine's step applies, per sampling row and in this order (docs/engine.md):
   the in-place processing.
 * **Grammar masks**: the engine's `TokenMasker` (slotserve.engine.constraints), built from
   the bundle's tokenizer on the first request with a grammar; each such sequence holds its
-  `Matcher`, which the scheduler advances as tokens are appended. The mask comes after
-  min_p, so min_p is relative to the model's distribution, and a mask can only remove
-  tokens: a row always keeps a finite allowed token (EOS at least).
+  `Matcher`, which the scheduler advances as tokens are appended. The mask comes first:
+  min_p is then relative to the most likely token the grammar *allows* (with the mask
+  after it, a min_p that kept only forbidden tokens left the row nothing to sample). A
+  mask only writes -inf, which bias and penalties keep -inf, so the order changes nothing
+  else, and a row always keeps a finite allowed token (EOS at least).
 Rows that use none of this cost nothing: each launch is skipped when no row needs it.
 """
 
@@ -123,8 +125,11 @@ class SamplingState:
         return logits[torch.tensor(idx, device=logits.device)]        # a copy
 
     def process(self, logits: torch.Tensor, seqs, params) -> None:
-        """logit_bias, penalties, min_p, then the grammar masks, in place on `logits` [R, V]."""
+        """The grammar masks, then logit_bias, penalties and min_p, in place on `logits` [R, V]."""
         dev = logits.device
+        matchers = [s.matcher for s in seqs]
+        if any(m is not None for m in matchers):   # first: min_p must see only the allowed tokens
+            self._masker.mask_logits_(logits, matchers, self._bitmask)
         for s in seqs:
             if s.state_fresh and s.state_row >= 0:   # first step since admission (or re-admission after a preemption)
                 ids = torch.tensor(s.token_ids, dtype=torch.long)
@@ -149,9 +154,6 @@ class SamplingState:
             kw["min_p"] = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
         if kw:
             K.apply_penalties(logits, **kw)
-        matchers = [s.matcher for s in seqs]
-        if any(m is not None for m in matchers):
-            self._masker.mask_logits_(logits, matchers, self._bitmask)
 
     def logprobs(self, raw: torch.Tensor | None, tokens: torch.Tensor, params):
         if raw is None:

@@ -19,6 +19,14 @@ Memory rules (the pool is `BlockAllocator`):
 - the engine refuses up front any request that could not fit the pool alone, so the
   queue always drains.
 
+Prompt scoring (`Sequence.score_prompt`, completions' echo + logprobs): the engine needs
+the logits at every prompt position, not only the last. The batch lists those positions
+(`Batch.scoring`), and `prompt_scored` remembers how far a sequence got, so a prefix-cache
+hit is cut to the blocks already scored (vLLM skips the hit for such requests; here a
+preempted sequence that re-prefills its scored prompt still reuses it), and a sequence
+still scoring prefills at most MAX_SCORED_TOKENS per step: the logits of every scored
+position are materialised ([n, V] fp32), so this bounds their memory.
+
 This file owns no tensors and no threads; the engine holds the lock around every call.
 """
 
@@ -31,6 +39,10 @@ from typing import Callable
 
 from slotserve.engine.kv_cache import BlockAllocator, blocks_for
 from slotserve.engine.prefix_cache import PrefixCache
+
+# Prompt positions a scoring sequence prefills per step: their logits are [n, V] fp32, about
+# 260 MB at n = 512 for a 128k vocabulary (and as much again for their log-softmax).
+MAX_SCORED_TOKENS = 512
 
 
 class SeqStatus(enum.Enum):
@@ -65,6 +77,8 @@ class Sequence:
     state_row: int = -1               # the engine's token_state row (penalties), -1: none
     state_fresh: bool = False         # state_row assigned but not built yet (the next step builds it)
     error: BaseException | None = None   # why postprocess finished it with "error"
+    score_prompt: bool = False        # the engine needs the logits of every prompt position
+    prompt_scored: int = 0            # prompt positions whose logits were computed (they score tokens 1..n)
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -93,7 +107,8 @@ class Batch:
 
     The first `num_decode` rows are decode rows (one token: start = num_cached); the rest
     are prefill chunks. A row samples a token when its range reaches the end of the
-    sequence (`samples[i]`): every decode row, and a prefill chunk that ends its prompt.
+    sequence (`samples[i]`): every decode row, and a prefill chunk that ends its prompt
+    (unless the sequence asks for no output at all: max_tokens 0).
     """
 
     seqs: list[Sequence]
@@ -105,6 +120,9 @@ class Batch:
     # that empties its live `block_table` and zeroes `num_cached` (the step still writes
     # into the released blocks, harmlessly: nothing can reuse them before the next schedule).
     tables: list[list[int]] = field(default_factory=list)
+    # (row, lo, hi): positions [lo, hi) of row's chunk whose logits score the prompt (the
+    # token at p + 1 for position p); empty unless a sequence scores its prompt
+    scoring: list[tuple[int, int, int]] = field(default_factory=list)
 
     @property
     def kind(self) -> str:
@@ -114,7 +132,7 @@ class Batch:
 
     @property
     def samples(self) -> list[bool]:
-        return [e == len(s) for s, e in zip(self.seqs, self.ends)]
+        return [e == len(s) and s.max_tokens > 0 for s, e in zip(self.seqs, self.ends)]
 
     @property
     def num_tokens(self) -> int:
@@ -205,7 +223,10 @@ class Scheduler:
         self._schedule_prefill(seqs, starts, ends)
         if not seqs:
             return None
-        return Batch(seqs, starts, ends, num_decode, [list(s.block_table) for s in seqs])
+        scoring = [(i, max(starts[i], s.prompt_scored), min(ends[i], s.prompt_len - 1))
+                   for i, s in enumerate(seqs) if i >= num_decode and s.score_prompt]
+        return Batch(seqs, starts, ends, num_decode, [list(s.block_table) for s in seqs],
+                     [r for r in scoring if r[1] < r[2]])
 
     def _schedule_decode(self, seqs, starts, ends) -> None:
         todo = deque(self.running)
@@ -232,7 +253,7 @@ class Scheduler:
             if budget == 0:
                 break
             if seq.num_cached < len(seq) - 1:  # (== len-1 is a decode row)
-                n = min(len(seq) - seq.num_cached, budget)
+                n = min(len(seq) - seq.num_cached, budget, self._chunk_cap(seq))
                 seqs.append(seq), starts.append(seq.num_cached), ends.append(seq.num_cached + n)
                 budget -= n
         # 2) admit from the queue, strictly FIFO (no overtaking), reserving whole prompts
@@ -243,14 +264,21 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            n = min(len(seq) - seq.num_cached, budget)
+            n = min(len(seq) - seq.num_cached, budget, self._chunk_cap(seq))
             seqs.append(seq), starts.append(seq.num_cached), ends.append(seq.num_cached + n)
             budget -= n
+
+    @staticmethod
+    def _chunk_cap(seq: Sequence) -> int:
+        """The most tokens of `seq` one step may prefill (bounded while it scores its prompt)."""
+        return MAX_SCORED_TOKENS if seq.score_prompt and seq.prompt_scored < seq.prompt_len - 1 else len(seq)
 
     def _admit(self, seq: Sequence) -> bool:
         """Give `seq` the blocks of its whole prompt (cached prefix shared, the rest fresh) or
         return False when the pool cannot hold them now."""
         hit = self.prefix.match(seq) if self.prefix is not None else []
+        if seq.score_prompt:   # a hit skips computing its positions: only the scored ones may hit
+            hit = hit[:seq.prompt_scored // self.block_size]
         need = blocks_for(len(seq), self.block_size) - len(hit)
         # A hit block nobody holds is in the free pool: sharing it uses up a free block too.
         if not self.alloc.can_allocate(need + (self.prefix.reclaimed(hit) if hit else 0)):
@@ -282,6 +310,9 @@ class Scheduler:
         stop condition are finished (blocks freed) and carry `finish_reason`.
         """
         out = []
+        for i, lo, hi in batch.scoring:
+            if batch.seqs[i].status is SeqStatus.RUNNING:
+                batch.seqs[i].prompt_scored = hi
         for i, (seq, end) in enumerate(zip(batch.seqs, batch.ends)):
             if seq.status is not SeqStatus.RUNNING:
                 continue  # cancelled or preempted while the step ran
@@ -305,6 +336,8 @@ class Scheduler:
                     reason = "length"
                 if reason is not None:
                     self.finish(seq, reason)
+            elif seq.max_tokens == 0 and end == len(seq):
+                self.finish(seq, "length")      # prefill only: the prompt is done (and scored)
             out.append((seq, tok))
         return out
 

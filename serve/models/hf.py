@@ -45,8 +45,11 @@ class HFRunner:
 
     @torch.inference_mode()
     def forward(self, batch) -> torch.Tensor:
-        rows = []
-        for seq, start, end, samples in zip(batch.seqs, batch.starts, batch.ends, batch.samples):
+        """-> logits [R + Q, V] fp32: the sampling rows in batch order, then the prompt
+        positions `batch.scoring` lists (transformers computes every position's logits anyway)."""
+        rows, scored = [], {}
+        score = {i: (lo, hi) for i, lo, hi in batch.scoring}
+        for i, (seq, start, end, samples) in enumerate(zip(batch.seqs, batch.starts, batch.ends, batch.samples)):
             cache = None if start == 0 else self._caches.get(seq.seq_id)
             assert start == 0 or cache is not None, "a sequence's cache was dropped mid-prefill"
             assert cache is None or cache.get_seq_length() == start, (cache.get_seq_length(), start)
@@ -60,7 +63,11 @@ class HFRunner:
                 if seq.running:
                     self._caches[seq.seq_id] = new_cache
             if samples:
-                rows.append(out.logits[0, -1].float())
+                rows.append(out.logits[0, -1:].float())
+            if i in score:
+                lo, hi = score[i]
+                scored[i] = out.logits[0, lo - start:hi - start].float()
+        rows += [scored[i] for i, _, _ in batch.scoring]
         if not rows:
             return torch.zeros((0, self.vocab_size), dtype=torch.float32, device=self.device)
-        return torch.stack(rows)
+        return torch.cat(rows)

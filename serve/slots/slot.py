@@ -141,6 +141,11 @@ class SlotRequest:
         return self._handle.logprobs
 
     @property
+    def prompt_logprobs(self) -> list:
+        """The engine's TokenLogprob per prompt token after the first (params.prompt_logprobs)."""
+        return self._handle.prompt_logprobs
+
+    @property
     def done(self) -> bool:
         return self._handle.done
 
