@@ -176,3 +176,29 @@ def test_a_client_that_leaves_cancels_the_replica_stream(replicas):
     loop.run_until_complete(go())
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200, sent
     assert inflight[-1] == 1 and rep.handler.inflight == 0
+
+
+def test_a_replica_lost_after_its_answer_was_whole_changes_nothing(replicas):
+    """The replica's last body message can reach the client before its stream's end does;
+    losing the replica in between must not send anything more (a second final body
+    breaks the HTTP/1.1 connection, and with it the client's next request on it)."""
+    loop, (a, _), _ = replicas
+    sent = []
+
+    async def go():
+        async def whole_then_dies(req):
+            async for batch in relay.serve_asgi(a, req):
+                yield batch
+            raise Died("gone after answering")
+
+        async def send(msg):
+            sent.append(msg)
+        req = {"method": "POST", "path": "/v1/chat/completions", "raw_path": None, "root_path": "",
+               "query_string": b"", "headers": [(b"content-type", b"application/json")], "client": None,
+               "scheme": "http", "http_version": "1.1", "body": json.dumps(CHAT).encode()}
+        return await relay.relay(whole_then_dies, req, send, classify)
+    assert loop.run_until_complete(go()) == 0
+    bodies = [m for m in sent if m["type"] == "http.response.body"]
+    assert sent[0]["status"] == 200 and [m.get("more_body", False) for m in bodies][-1] is False
+    assert sum(not m.get("more_body", False) for m in bodies) == 1, sent
+    assert json.loads(b"".join(m.get("body", b"") for m in bodies))["object"] == "chat.completion"

@@ -164,7 +164,7 @@ async def relay(open_stream: OpenStream, req: dict, send: Callable[[Message], Aw
     attempt = 0
     while True:
         start: Message | None = None        # held back until the first body message
-        sent = streaming = False
+        sent = streaming = complete = False
         try:
             async for batch in open_stream(req):
                 for msg in batch:
@@ -180,11 +180,15 @@ async def relay(open_stream: OpenStream, req: dict, send: Callable[[Message], Aw
                         await send(start)
                         start, sent = None, True
                     await send(msg)
+                    complete = complete or msg["type"] == "http.response.body" and not msg.get("more_body", False)
             if start is not None:           # a start with no body message: send it alone
                 await send(start)
             return attempt
         except Exception as exc:
             kind = classify(exc)
+            if complete:      # the answer was whole; only the stream's end was lost with the replica
+                log.info("%s %s: replica lost after answering (%s)", req["method"], path, type(exc).__name__)
+                return attempt
             if kind == "lost" and may_retry(req["method"], path, sent, attempt):
                 log.warning("replica lost before answering %s %s (%s); retrying on another replica",
                             req["method"], path, type(exc).__name__)
