@@ -37,13 +37,16 @@ Message = dict[str, Any]
 OpenStream = Callable[[dict], AsyncIterator[list[Message]]]
 
 
+def _safe_twice(method: str, path: str) -> bool:
+    """Whether running the request twice cannot change anything."""
+    return method in ("GET", "HEAD") or (method == "POST" and path in RETRYABLE_POSTS)
+
+
 def may_retry(method: str, path: str, sent_anything: bool, attempt: int) -> bool:
     """Whether a request whose replica was lost may run again on another replica: only
     once, only if no byte of the answer reached the client, and only if running it twice
     cannot change anything."""
-    if sent_anything or attempt > 0:
-        return False
-    return method in ("GET", "HEAD") or (method == "POST" and path in RETRYABLE_POSTS)
+    return not sent_anything and attempt == 0 and _safe_twice(method, path)
 
 
 async def read_request(scope: dict, receive: Callable[[], Awaitable[Message]], limit: int) -> dict:
@@ -195,8 +198,7 @@ async def relay(open_stream: OpenStream, req: dict, send: Callable[[Message], Aw
                 attempt += 1
                 continue
             log.warning("%s %s failed (%s: %s)", req["method"], path, kind, exc)
-            err = failure_answer(kind, exc, retried=attempt > 0,
-                                 may_have_applied=req["method"] not in ("GET", "HEAD") and path not in RETRYABLE_POSTS)
+            err = failure_answer(kind, exc, retried=attempt > 0, may_have_applied=not _safe_twice(req["method"], path))
             if not sent:
                 for m in error_messages(err):
                     await send(m)
